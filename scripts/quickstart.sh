@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, fetch SmolLM2-135M-Instruct, start a local Ray head,
+# submit jobs/grpo.py with `ray job submit`, then print where to watch it and the final metrics.
+# Usage: bash scripts/quickstart.sh [extra jobs/grpo.py flags, e.g. --num-rollout 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+. .venv/bin/activate
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+MODEL=$(python -m slime_ray.models fetch smollm2-135m-instruct | tail -n 1)
+echo "model: $MODEL"
+if ! ray status >/dev/null 2>&1; then
+  ray start --head --num-cpus 4 --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null
+fi
+export RAY_ADDRESS=http://127.0.0.1:8265
+MLFLOW_URI="sqlite:///$PWD/mlflow.db"
+SUBMISSION_ID="grpo_$(date +%Y%m%d_%H%M%S)"
+set +e
+ray job submit --submission-id "$SUBMISSION_ID" --working-dir . --runtime-env runtime_env.yaml -- \
+  python jobs/grpo.py \
+    --hf-checkpoint "$MODEL" \
+    --prompt-data examples/math_grpo/train.jsonl --input-key prompt --label-key label \
+    --apply-chat-template --rollout-shuffle \
+    --rollout-batch-size 4 --n-samples-per-prompt 4 --global-batch-size 16 --micro-batch-size 4 \
+    --num-rollout 3 --rollout-max-response-len 64 --rollout-temperature 0.7 \
+    --advantage-estimator grpo --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 \
+    --mlflow-tracking-uri "$MLFLOW_URI" --run-name "$SUBMISSION_ID" "$@"
+set -e
+STATUS=$(ray job status "$SUBMISSION_ID" 2>/dev/null | grep -oE "SUCCEEDED|FAILED|STOPPED|RUNNING|PENDING" | tail -n 1)
+echo
+echo "job $SUBMISSION_ID: $STATUS"
+echo "Ray dashboard:  http://127.0.0.1:8265  (ray job status $SUBMISSION_ID)"
+echo "MLflow UI:      .venv/bin/mlflow ui --backend-store-uri $MLFLOW_URI --host 127.0.0.1 --port 5000"
+python -m slime_ray.tracking summary --tracking-uri "$MLFLOW_URI" --run-name "$SUBMISSION_ID" || true
+[ "$STATUS" = "SUCCEEDED" ]

@@ -1,0 +1,118 @@
+"""What the job entry points call: connect to Ray, start the rollout tier, the trainer, tracking.
+
+Everything here checks its inputs before it takes a resource: bad flags, a missing model
+folder or a malformed prompt file stop the job before any actor or Serve app starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+logger = logging.getLogger("slime_ray")
+
+ROLLOUT_APP_NAME = "slime_ray_rollout"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "httpx", "alembic", "mlflow", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(args: Namespace) -> None:
+    """Connect to the cluster the job was submitted to, or start a local one (127.0.0.1 only)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                 num_cpus=max(4, (os.cpu_count() or 2)))
+
+
+def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
+    """Resolve the model folder and load the prompts (before any resource is taken).
+
+    Returns:
+        (tokenizer, prompts) — ``args.hf_checkpoint`` is replaced by the resolved local folder.
+
+    Raises:
+        slime_ray.data.dataset.DataError, FileNotFoundError / ValueError from model resolution.
+    """
+    from transformers import AutoTokenizer
+
+    from slime_ray.data.dataset import load_prompt_data
+    from slime_ray.models import resolve_hf_checkpoint
+
+    args.hf_checkpoint = resolve_hf_checkpoint(args.hf_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+    prompts = load_prompt_data(
+        args.prompt_data, input_key=args.input_key, label_key=args.label_key,
+        metadata_key=args.metadata_key, tool_key=None, apply_chat_template=args.apply_chat_template,
+        tokenizer=tokenizer, max_prompt_len=args.rollout_max_prompt_len, system_prompt=args.system_prompt)
+    if args.num_rollout is None:
+        epochs = args.num_epoch or 1
+        args.num_rollout = max(1, len(prompts) * epochs // args.rollout_batch_size)
+    return tokenizer, prompts
+
+
+def make_data_source(args: Namespace, prompts: list[dict]) -> Any:
+    """slime's RolloutDataSource over the loaded prompts, or the user's ``--data-source-path`` class."""
+    from slime_ray.data.dataset import RolloutDataSource
+
+    if args.data_source_path:
+        from slime_ray.plugins import load_function
+
+        cls = load_function(args.data_source_path, flag="--data-source-path")
+        return cls(args)
+    return RolloutDataSource(prompts=prompts, n_samples_per_prompt=args.n_samples_per_prompt,
+                             rollout_shuffle=args.rollout_shuffle, rollout_seed=args.rollout_seed)
+
+
+def start_rollout_app(args: Namespace) -> Any:
+    """Deploy the rollout Serve app (engines + router ingress); returns an EngineClient."""
+    from ray import serve
+
+    from serve_apps.rollout_app import build_rollout_app
+    from slime_ray.rollout.engine_client import EngineClient
+
+    num_engines = args.rollout_num_engines or 1
+    serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
+    app = build_rollout_app(
+        args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,
+        engine_kwargs={"seed": args.rollout_seed, "num_threads": args.torch_num_threads},
+        max_batch_size=args.rollout_max_batch_size, batch_wait_timeout_s=args.rollout_batch_wait_s,
+        num_cpus_per_engine=args.num_cpus_per_engine)
+    serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)
+    return EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds of each phase of a step."""
+
+    times: dict[str, float]
+
+    def __init__(self) -> None:
+        self.times = {}
+
+    def run(self, name: str, fn: Any, *a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        self.times[f"perf/{name}_time"] = time.perf_counter() - t0
+        return out
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine to completion from the (synchronous) driver."""
+    return asyncio.run(coro)

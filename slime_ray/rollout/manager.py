@@ -1,0 +1,164 @@
+"""The rollout manager: prompts -> engine requests -> Samples -> rewards -> a training table.
+
+A plain class driven by the job's driver. It talks to the engines only through an
+:class:`~slime_ray.rollout.engine_client.EngineClient` (Serve DeploymentHandles), so it never
+asks which engine it has. User hooks keep slime's signatures:
+``--custom-generate-function-path``: ``async def generate(args, sample, sampling_params) -> Sample``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from argparse import Namespace
+from typing import Any, Awaitable, Callable
+
+import pyarrow as pa
+import torch
+
+from slime_ray.engines.base import default_sampling_params
+from slime_ray.rollout.rewards import compute_rewards
+from slime_ray.train import algorithms as algo
+from slime_ray.types import Sample, SampleStatus, samples_to_arrow
+
+GenerateFn = Callable[[Namespace, Sample, dict], Awaitable["Sample | list[Sample]"]]
+
+# The engine client of this process, for generate functions that call the engine (slime's
+# generate functions reach SGLang through the router URL in args; ours through this client).
+_CLIENT: Any = None
+
+
+def get_engine_client() -> Any:
+    """The :class:`EngineClient` of the running job (set by :class:`RolloutManager`)."""
+    if _CLIENT is None:
+        raise RuntimeError("no engine client: generate functions run inside a RolloutManager")
+    return _CLIENT
+
+
+def sampling_params_from_args(args: Namespace, evaluation: bool = False) -> dict[str, Any]:
+    """SGLang-style sampling params from the ``--rollout-*`` (or ``--eval-*``) flags."""
+    temp = args.rollout_temperature
+    max_new = args.rollout_max_response_len
+    if evaluation:
+        temp = args.eval_temperature if args.eval_temperature is not None else temp
+        max_new = args.eval_max_response_len or max_new
+    return default_sampling_params(
+        temperature=temp, top_p=args.rollout_top_p, top_k=args.rollout_top_k, max_new_tokens=max_new,
+        stop=args.rollout_stop, stop_token_ids=args.rollout_stop_token_ids)
+
+
+async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    """The default generate function (slime's signature): one engine call for one sample.
+
+    Fills ``tokens`` (prompt + response ids as the engine returned them), ``response``,
+    ``response_length``, ``rollout_log_probs``, ``loss_mask`` (all ones: the engine stops
+    after the first EOS, which is trained on), ``status`` and ``weight_versions``.
+    """
+    client = get_engine_client()
+    params = dict(sampling_params)
+    if params.get("seed") is None and getattr(args, "rollout_seed", None) is not None:
+        params["seed"] = int(args.rollout_seed) * 1_000_003 + sample.index
+    out = await client.generate({"input_ids": list(sample.tokens), "sampling_params": params,
+                                 "return_logprob": True})
+    ids = list(out["output_ids"])
+    sample.append_response_tokens(ids, list(out["output_log_probs"]), trainable=True,
+                                  weight_version=out["weight_version"], text=out["text"])
+    sample.status = SampleStatus.from_finish_reason(out["finish_reason"])
+    return sample
+
+
+class RolloutManager:
+    """Generates one rollout step: ``rollout_batch_size`` groups of ``n_samples_per_prompt``.
+
+    Args:
+        args: flat namespace of :func:`slime_ray.args.parse_args`.
+        data_source: object with ``get_samples(n) -> list[list[Sample]]`` (slime's shape).
+        client: the engine client (Serve handles).
+        generate_fn: a custom generate function (``--custom-generate-function-path``), or None.
+    """
+
+    def __init__(self, args: Namespace, data_source: Any, client: Any, generate_fn: GenerateFn | None = None):
+        global _CLIENT
+        self.args, self.data_source, self.client = args, data_source, client
+        self.generate_fn = generate_fn or generate
+        _CLIENT = client
+
+    async def _generate_group(self, group: list[Sample], params: dict) -> list[Sample]:
+        results = await asyncio.gather(*(self.generate_fn(self.args, s, dict(params)) for s in group))
+        out: list[Sample] = []
+        for r in results:
+            out.extend(r if isinstance(r, list) else [r])
+        return out
+
+    async def generate_rollout(self, rollout_id: int) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Generate and score one rollout step.
+
+        Returns:
+            (groups, metrics): ``rollout_batch_size`` groups of scored Samples, and
+            ``rollout/*`` / ``perf/*`` metrics (reward mean, accuracy, response lengths,
+            truncated ratio, rollout time in seconds, response tokens per second).
+        """
+        t0 = time.perf_counter()
+        groups = self.data_source.get_samples(self.args.rollout_batch_size)
+        params = sampling_params_from_args(self.args)
+        groups = list(await asyncio.gather(*(self._generate_group(g, params) for g in groups)))
+        flat = [s for g in groups for s in g]
+        n_failed = await compute_rewards(self.args, flat)
+        elapsed = time.perf_counter() - t0
+        self.data_source.add_samples(groups)
+        return groups, rollout_metrics(flat, elapsed, n_failed)
+
+
+def reward_value(sample: Sample, reward_key: str | None) -> float:
+    """The float reward trained on (``--reward-key`` selects from dict rewards; failed -> 0)."""
+    r = sample.reward
+    if isinstance(r, dict):
+        if reward_key is None:
+            raise ValueError(f"sample {sample.index}: the reward is a dict {sorted(r)}; pass --reward-key")
+        r = r[reward_key]
+    r = 0.0 if r is None else float(r)
+    return r if math.isfinite(r) else 0.0
+
+
+def rollout_metrics(samples: list[Sample], elapsed_s: float, n_failed: int = 0,
+                    reward_key: str | None = None) -> dict[str, float]:
+    """Metrics of a scored rollout (see :meth:`RolloutManager.generate_rollout`)."""
+    rewards = [reward_value(s, reward_key) for s in samples]
+    lens = [s.response_length for s in samples]
+    n = max(len(samples), 1)
+    return {
+        "rollout/reward_mean": sum(rewards) / n,
+        "rollout/accuracy": sum(r > 0 for r in rewards) / n,
+        "rollout/response_len_mean": sum(lens) / n,
+        "rollout/response_len_max": float(max(lens, default=0)),
+        "rollout/truncated_ratio": sum(s.status == SampleStatus.TRUNCATED for s in samples) / n,
+        "rollout/failed": float(n_failed),
+        "perf/rollout_time": elapsed_s,
+        "perf/rollout_tokens_per_s": sum(lens) / max(elapsed_s, 1e-9),
+    }
+
+
+def build_train_table(args: Namespace, groups: list[list[Sample]]) -> tuple[pa.Table, dict[str, float]]:
+    """The training table of a rollout: samples + ``raw_reward`` + ``train_reward`` columns.
+
+    ``train_reward`` is the reward after per-group normalisation for the chosen
+    ``--advantage-estimator`` (``algorithms.normalize_rewards``); failed samples get reward 0 and
+    an all-zero loss mask (never trained on).
+
+    Returns:
+        (table, metrics) with ``rollout/zero_std_groups``: groups whose rewards are all equal.
+    """
+    flat = [s for g in groups for s in g]
+    for s in flat:
+        if s.status == SampleStatus.FAILED:
+            s.loss_mask = [0] * s.response_length
+    raw = torch.tensor([reward_value(s, args.reward_key) for s in flat], dtype=torch.float32)
+    gid = torch.tensor([s.group_index for s in flat], dtype=torch.long)
+    train = algo.normalize_rewards(raw, gid, args.advantage_estimator,
+                                   std_normalize=not args.disable_grpo_std_normalization)
+    table = samples_to_arrow(flat)
+    table = table.append_column("raw_reward", pa.array(raw.tolist(), pa.float32()))
+    table = table.append_column("train_reward", pa.array(train.tolist(), pa.float32()))
+    zero_std = sum(1 for g in groups if len(g) > 1 and len({reward_value(s, args.reward_key) for s in g}) == 1)
+    return table, {"rollout/zero_std_groups": float(zero_std)}

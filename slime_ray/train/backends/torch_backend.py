@@ -1,0 +1,266 @@
+"""The torch training backend: one instance per data-parallel rank, HF model, AdamW, gloo/NCCL.
+
+A plain class (no Ray): :mod:`slime_ray.train.actor_group` wraps it in Ray actors, and tests
+build it directly. One call of :meth:`TorchTrainer.train` does slime's actor step:
+reference and old log-probs -> advantages -> ``num_steps_per_rollout`` optimizer steps over
+global batches split into micro-batches.
+
+Loss normalisation is global: every micro-batch loss is divided by the token / sample count
+of the whole global batch (all micro-batches, all ranks), gradients are accumulated and
+all-reduced with SUM, so the step equals one big batch (see ``aggregate_loss``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from slime_ray.train import algorithms as algo
+from slime_ray.train.batch import TrainBatch, batch_from_arrow, micro_batches, step_rank_indices
+from slime_ray.train.logprobs import response_log_probs_from_model_logits
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("loss", "pg_loss", "pg_clipfrac", "ppo_kl", "kl_loss", "entropy", "tis", "tis_clipfrac",
+               "train_rollout_logprob_abs_diff")
+
+
+class TorchTrainer:
+    """Policy (and frozen reference) model of one training rank.
+
+    Args:
+        args: the flat namespace of :func:`slime_ray.args.parse_args` (fields used: hf_checkpoint,
+            ref_load, lr, adam_*, weight_decay, clip_grad, seed, global_batch_size,
+            micro_batch_size, num_steps_per_rollout, rollout_temperature, advantage_estimator,
+            eps_clip*, use_kl_loss, kl_loss_coef, kl_loss_type, kl_coef, entropy_coef, gamma,
+            lambd, loss_agg_mode, normalize_advantages, use_tis, tis_clip*, use_rollout_logprobs,
+            torch_num_threads).
+        rank, world_size: data-parallel position of this rank.
+    """
+
+    def __init__(self, args: Namespace, rank: int = 0, world_size: int = 1) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.args, self.rank, self.world_size = args, rank, world_size
+        if getattr(args, "torch_num_threads", None):
+            torch.set_num_threads(int(args.torch_num_threads))
+        torch.manual_seed(args.seed + rank)
+        self.model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
+        self.model.train()
+        self.model.config.use_cache = False
+        self.ref_model = None
+        if args.use_kl_loss or args.kl_coef != 0:
+            if args.ref_load:
+                self.ref_model = AutoModelForCausalLM.from_pretrained(args.ref_load, dtype=torch.float32)
+            else:
+                self.ref_model = copy.deepcopy(self.model)
+            self.ref_model.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps, weight_decay=args.weight_decay,
+        )
+        self.step = 0
+
+    # ------------------------------------------------------------------ distributed
+    def init_distributed(self, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+        """Join the training process group (no-op for a single rank)."""
+        if self.world_size == 1:
+            return
+        dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    # ------------------------------------------------------------------ forward
+    def forward_log_probs(self, model: torch.nn.Module, mb: TrainBatch,
+                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per response token log-probs [b, L] (and entropy [b, L], nats) at the rollout temperature."""
+        logits = model(input_ids=mb.tokens, attention_mask=mb.attention_mask).logits.float()
+        lp, ent = response_log_probs_from_model_logits(
+            logits, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.args.rollout_temperature)
+        return lp, (ent if with_entropy else None)
+
+    @torch.no_grad()
+    def _log_probs_rows(self, model: torch.nn.Module, batch: TrainBatch, chunks: list[list[int]]) -> torch.Tensor:
+        """Log-probs [B, L] for the rows in ``chunks`` of ``batch`` (other rows stay 0), no grad.
+
+        ``chunks`` are the training micro-batches, so old log-probs are computed on exactly the
+        shapes the training forward sees (ppo_kl is 0 to float precision at step 0).
+        """
+        out = torch.zeros_like(batch.loss_mask)
+        was_training = model.training
+        model.eval()
+        for chunk in chunks:
+            mb = batch.select(chunk)
+            lp, _ = self.forward_log_probs(model, mb, with_entropy=False)
+            out[chunk, : lp.shape[1]] = lp
+        model.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def train(self, rollout_id: int, table: pa.Table) -> dict[str, float]:
+        """Train on one rollout batch; returns metrics averaged over the global batch.
+
+        Args:
+            rollout_id: the rollout step (for logging).
+            table: the whole rollout (every rank gets all rows and takes its share).
+
+        Returns:
+            ``{"train/loss", "train/pg_loss", "train/pg_clipfrac", "train/ppo_kl", "train/kl_loss",
+            "train/entropy", "train/grad_norm", ...}``, identical on every rank.
+        """
+        a = self.args
+        batch = batch_from_arrow(table)
+        n, gbs = len(batch), a.global_batch_size
+        steps = n // gbs
+        chunks = [c for s in range(steps) for c in micro_batches(
+            step_rank_indices(n, gbs, s, self.rank, self.world_size), a.micro_batch_size)]
+        my_rows = sorted(r for c in chunks for r in c)
+        old_lp = batch.rollout_log_probs.clone() if a.use_rollout_logprobs else self._log_probs_rows(self.model, batch, chunks)
+        ref_lp = self._log_probs_rows(self.ref_model, batch, chunks) if self.ref_model is not None else None
+        adv, _ = algo.compute_advantages(
+            a.advantage_estimator, rewards=batch.rewards, loss_mask=batch.loss_mask, log_probs=old_lp,
+            ref_log_probs=ref_lp, values=None, kl_coef=a.kl_coef, kl_type=a.kl_loss_type,
+            gamma=a.gamma, lam=a.lambd)
+        if a.normalize_advantages:
+            adv = self._whiten(adv, batch.loss_mask, my_rows)
+        totals: dict[str, float] = {}
+        for s in range(steps):
+            step_metrics = self._optimizer_step(batch, s, old_lp, ref_lp, adv)
+            for k, v in step_metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / steps
+        self.step += 1
+        return {f"train/{k}": v for k, v in totals.items()}
+
+    def _whiten(self, adv: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Masked whitening over every rank's rows (Bessel-corrected), see ``whiten_advantages``."""
+        m = torch.zeros_like(mask)
+        m[rows] = mask[rows]
+        stats = self._all_reduce(torch.stack([(adv * m).sum(), (adv * adv * m).sum(), m.sum()]).double())
+        s, ss, cnt = stats.tolist()
+        mean = s / max(cnt, 1)
+        var = (ss / max(cnt, 1) - mean * mean) * cnt / max(cnt - 1, 1)
+        return (adv - mean) / (var + 1e-8) ** 0.5 * mask
+
+    def _optimizer_step(self, batch: TrainBatch, step: int, old_lp: torch.Tensor,
+                        ref_lp: torch.Tensor | None, adv: torch.Tensor) -> dict[str, float]:
+        a = self.args
+        gbs = a.global_batch_size
+        all_rows = list(range(step * gbs, (step + 1) * gbs))
+        norm = dict(num_samples=gbs, num_tokens=float(batch.loss_mask[all_rows].sum().clamp(min=1)),
+                    max_len=int(batch.response_lengths[all_rows].max()))
+        rows = step_rank_indices(len(batch), gbs, step, self.rank, self.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        for chunk in micro_batches(rows, a.micro_batch_size):
+            mb = batch.select(chunk)
+            width = mb.loss_mask.shape[1]
+            mask = mb.loss_mask
+            lp, ent = self.forward_log_probs(self.model, mb)
+            terms = self._loss_terms(lp, ent, old_lp[chunk, :width], adv[chunk, :width], mask,
+                                     None if ref_lp is None else ref_lp[chunk, :width],
+                                     mb.rollout_log_probs)
+
+            def agg(x: torch.Tensor) -> torch.Tensor:
+                return algo.aggregate_loss(x, mask, a.loss_agg_mode, **norm)
+
+            loss = agg(terms["pg_loss"])
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * agg(ent)
+            if terms.get("kl") is not None and a.use_kl_loss:
+                loss = loss + a.kl_loss_coef * agg(terms["kl"])
+            loss.backward()
+            with torch.no_grad():
+                vals = {"loss": loss, "pg_loss": agg(terms["pg_loss"]), "pg_clipfrac": agg(terms["clipped"]),
+                        "ppo_kl": agg(terms["ppo_kl"]), "entropy": agg(ent),
+                        "kl_loss": agg(terms["kl"]) if terms.get("kl") is not None else torch.tensor(0.0),
+                        "tis": agg(terms["tis"]), "tis_clipfrac": agg(terms["tis_clipped"]),
+                        "train_rollout_logprob_abs_diff": agg((lp - mb.rollout_log_probs).abs())}
+                sums += torch.tensor([float(vals[k]) for k in METRIC_KEYS], dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))
+        self.optimizer.step()
+        sums = self._all_reduce(sums)
+        out = dict(zip(METRIC_KEYS, sums.tolist()))
+        out["grad_norm"] = float(grad_norm)
+        return out
+
+    def _loss_terms(self, lp: torch.Tensor, ent: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+                    mask: torch.Tensor, ref: torch.Tensor | None, rollout_lp: torch.Tensor) -> dict[str, Any]:
+        """Per-token policy loss (TIS-weighted), clip indicator, ppo_kl and KL to the reference."""
+        a = self.args
+        pg, clipped, ppo_kl = algo.POLICY_LOSSES[a.advantage_estimator](
+            lp, old, adv, mask, eps_clip=a.eps_clip, eps_clip_high=a.eps_clip_high, eps_clip_c=a.eps_clip_c)
+        tis = torch.ones_like(pg)
+        tis_clipped = torch.zeros_like(pg)
+        if a.use_tis:
+            tis, _ = algo.compute_tis_weights(old, rollout_lp, mask, tis_clip=a.tis_clip, tis_clip_low=a.tis_clip_low)
+            raw = torch.exp(old - rollout_lp)
+            tis_clipped = ((raw > a.tis_clip) | (raw < a.tis_clip_low)).float()
+            pg = pg * tis
+        kl = algo.compute_approx_kl(lp, ref, a.kl_loss_type) if ref is not None else None
+        return {"pg_loss": pg, "clipped": clipped, "ppo_kl": ppo_kl, "kl": kl, "tis": tis,
+                "tis_clipped": tis_clipped}
+
+    # ------------------------------------------------------------------ weights / checkpoints
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's weights by HF name, detached CPU copies (float32)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save(self, save_dir: str, rollout_id: int, extra: dict[str, Any] | None = None) -> str:
+        """Write ``save_dir/iter_{rollout_id:07d}/`` (HF model, optimizer, RNG) atomically (rank 0).
+
+        The folder is written under a temporary name and renamed, then
+        ``latest_checkpointed_iteration.txt`` is updated, so the newest complete checkpoint wins.
+        """
+        root = Path(save_dir)
+        final = root / f"iter_{rollout_id:07d}"
+        if self.rank != 0:
+            return str(final)
+        tmp = root / f".tmp_iter_{rollout_id:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp / "model")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"rollout_id": rollout_id, **(extra or {})}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (root / "latest_checkpointed_iteration.txt").write_text(str(rollout_id))
+        return str(final)
+
+    def load(self, ckpt_dir: str) -> dict[str, Any]:
+        """Load a folder written by :meth:`save` (weights_only loading); returns its meta.json."""
+        from safetensors.torch import load_file
+
+        d = Path(ckpt_dir)
+        state = {}
+        for f in sorted((d / "model").glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise KeyError(f"checkpoint {d}: unexpected weights {unexpected[:5]}")
+        if self.model.config.tie_word_embeddings:
+            self.model.tie_weights()
+        ts = torch.load(d / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.step = ts["step"]
+        torch.set_rng_state(ts["torch_rng"])
+        return json.loads((d / "meta.json").read_text())
