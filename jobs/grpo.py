@@ -37,7 +37,7 @@ from slime_ray.tracking import Tracker, format_progress_line  # noqa: E402
 from slime_ray.train.actor_group import RayTrainGroup  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> job.JobResult:
     job.setup_logging()
     cfg, args = parse_args(argv)                                    # bad flags stop here
     _, prompts = job.prepare_inputs(args)                           # bad model / data stop here
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tracker.log_metrics(metrics, step=rollout_id)
         print(format_progress_line(rollout_id, metrics), flush=True)
     tracker.finish()
-    return metrics
+    return job.JobResult(metrics=metrics, actor=actor, rollout=rollout, run_id=tracker.run_id)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,16 @@ def start_rollout_app(args: Namespace) -> Any:
 
 
 @dataclass
+class JobResult:
+    """What a finished job hands back (tests inspect the live actors and engines)."""
+
+    metrics: dict[str, float]
+    actor: Any
+    rollout: Any
+    run_id: str | None
+
+
+@dataclass
 class StepTimer:
     """Wall-clock seconds of each phase of a step."""
 
