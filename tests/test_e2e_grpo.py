@@ -83,7 +83,6 @@ def test_grpo_two_steps_end_to_end(ray_cluster, workdir):
     versions = [m.value for m in client.get_metric_history(result.run_id, "rollout/weight_version")]
     assert versions == [0.0, 1.0]
     # step 0: policy = old = reference -> ppo_kl and kl_loss are 0 (to float precision)
-    step0 = {m.key: m.value for m in run.data.metrics.values()} if False else None
     kl0 = client.get_metric_history(result.run_id, "train/kl_loss")[0].value
     ppo_kl0 = client.get_metric_history(result.run_id, "train/ppo_kl")[0].value
     assert abs(kl0) < 1e-8 and abs(ppo_kl0) < 1e-8
