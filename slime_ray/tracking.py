@@ -1,0 +1,312 @@
+"""Experiment tracking: MLflow (any tracking URI; a local sqlite store by default) and TensorBoard.
+
+One :class:`Tracker` per run, owned by the driver::
+
+    tracker = Tracker(params=vars(args), run_name="grpo-qwen")
+    tracker.log_metrics({"rollout/raw_reward": 0.4, "train/loss": 0.1}, step=rollout_id)
+    print(format_progress_line(rollout_id, metrics))
+    tracker.finish()
+
+Resuming: pass the ``run_id`` of the earlier run (``tracker.run_id``, saved with the
+checkpoint) and metrics continue on the same run. Other processes may join the same run
+with ``Tracker(run_id=..., params={})`` and must not call :meth:`Tracker.finish`.
+
+MLflow is kept offline and quiet: telemetry is off (``MLFLOW_DISABLE_TELEMETRY``,
+``DO_NOT_TRACK``) and alembic's migration chatter is silenced. The sqlite store's artifacts
+go next to the database file (``<db dir>/mlartifacts``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Tracker", "format_progress_line", "flatten_params", "default_tracking_uri"]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+MAX_PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE_LEN = 6000
+MAX_KEY_LEN = 250
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<absolute cwd>/mlflow.db`` (MLflow 3 refuses the file store by default)."""
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, (list, tuple, set, dict)):
+        try:
+            s = json.dumps(sorted(value) if isinstance(value, set) else value, default=str)
+        except (TypeError, ValueError):
+            s = str(value)
+    else:
+        s = str(value)
+    if len(s) > MAX_PARAM_VALUE_LEN:
+        s = s[: MAX_PARAM_VALUE_LEN - 3] + "..."
+    return s
+
+
+def _clean_key(key: str) -> str:
+    """A key MLflow accepts: only ``/ \\w . - : space``, no leading ``/``, no ``..`` / ``//``."""
+    k = _BAD_KEY_CHARS.sub("_", str(key))
+    k = re.sub(r"/+", "/", k).strip("/")
+    k = k.replace("..", "_")
+    return k[:MAX_KEY_LEN] or "_"
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a dict / dataclass / argparse Namespace into ``{"a.b": "value"}`` strings.
+
+    Nested dicts and dataclasses give dotted keys; lists, tuples and sets become JSON
+    strings; values are cut to MLflow's 6000 characters.
+    """
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    elif not isinstance(params, Mapping) and hasattr(params, "__dict__"):
+        params = vars(params)
+    out: dict[str, str] = {}
+    for key, value in dict(params or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        ):
+            out.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            out[_clean_key(name)] = _stringify(value)
+    return out
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite float, or None for None / NaN / inf / non-numbers."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    if hasattr(value, "item"):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # multi-element tensors / arrays
+            return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class Tracker:
+    """One MLflow run (plus an optional TensorBoard writer) for a training job.
+
+    Args:
+        tracking_uri: MLflow tracking URI; default :func:`default_tracking_uri`.
+        experiment_name: created if missing.
+        run_name: display name of a new run.
+        run_id: continue this existing run instead of creating one (resume).
+        params: the run's flags/config (dict, dataclass or Namespace); logged as params,
+            flattened and stringified, 100 per batch. On resume only new keys are logged
+            (MLflow params are immutable; changed values are reported in a warning).
+        use_tensorboard: also write every scalar to a ``SummaryWriter``.
+        tensorboard_dir: the ``SummaryWriter`` log dir.
+
+    Raises:
+        ValueError: ``run_id`` is not a run of this tracking store.
+        ImportError: ``use_tensorboard`` without the ``tensorboard`` package.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        experiment_name: str = "slime_ray",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        params: Any,
+        use_tensorboard: bool = False,
+        tensorboard_dir: str = "outputs/",
+    ):
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._finished = False
+        self._tb = None
+        if run_id:
+            self._run_id = self._resume(run_id)
+        else:
+            exp_id = self._experiment_id(experiment_name)
+            run = self._client.create_run(exp_id, run_name=run_name)
+            self._run_id = run.info.run_id
+        self.experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        self._log_params(flatten_params(params), resuming=bool(run_id))
+        if use_tensorboard:
+            self._tb = self._make_tb_writer(tensorboard_dir)
+
+    # --------------------------------------------------------------------- setup
+    def _artifact_location(self) -> str | None:
+        uri = self.tracking_uri
+        if uri.startswith("sqlite:///"):
+            db = uri[len("sqlite:///") :]
+            return os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+        return None
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self._client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self._client.create_experiment(name, artifact_location=self._artifact_location())
+        except Exception:  # noqa: BLE001 - another process created it first
+            exp = self._client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _resume(self, run_id: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as exc:
+            raise ValueError(
+                f"cannot resume MLflow run {run_id!r}: not found in {self.tracking_uri} ({exc}). "
+                f"Pass the run id printed by the first run and the same tracking URI, or no run id "
+                f"to start a new run."
+            ) from exc
+        if run.info.status != "RUNNING":
+            self._client.update_run(run_id, status="RUNNING")
+        return run.info.run_id
+
+    def _log_params(self, params: dict[str, str], *, resuming: bool) -> None:
+        from mlflow.entities import Param
+
+        if resuming:
+            existing = self._client.get_run(self._run_id).data.params
+            changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+            if changed:
+                logger.warning(
+                    "resumed MLflow run %s: params %s differ from the first run; MLflow params "
+                    "cannot change, the first values are kept", self._run_id, changed,
+                )
+            params = {k: v for k, v in params.items() if k not in existing}
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    @staticmethod
+    def _make_tb_writer(log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "--use-tensorboard needs the tensorboard package: pip install tensorboard "
+                "(or drop --use-tensorboard; MLflow tracking works without it)"
+            ) from exc
+        os.makedirs(log_dir, exist_ok=True)
+        return SummaryWriter(log_dir=log_dir)
+
+    # --------------------------------------------------------------------- logging
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (save it with checkpoints to resume the same run)."""
+        return self._run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Log scalar metrics at ``step``; None, NaN, inf and non-numbers are skipped.
+
+        Keys are made MLflow-safe (e.g. ``pass@k`` -> ``pass_k``); TensorBoard gets the
+        original keys. Returns the metrics actually logged (original keys).
+        """
+        from mlflow.entities import Metric
+
+        clean = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
+        ts = int(time.time() * 1000)
+        items = [Metric(_clean_key(k), v, ts, int(step)) for k, v in clean.items()]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self._run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+        return clean
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Upload a local file or directory to the run's artifacts (under ``artifact_path``)."""
+        if os.path.isdir(path):
+            self._client.log_artifacts(self._run_id, path, artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, path, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values stringified)."""
+        for k, v in tags.items():
+            self._client.set_tag(self._run_id, _clean_key(k), _stringify(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (``FINISHED``, ``FAILED`` or ``KILLED``) and close TensorBoard. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._tb is not None:
+            self._tb.close()
+        self._client.set_terminated(self._run_id, status=status)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("FAILED" if exc_type is not None else "FINISHED")
+
+
+# ----------------------------------------------------------------------------- console
+_PROGRESS_FIELDS: list[tuple[str, tuple[str, ...], str]] = [
+    ("reward", ("rollout/raw_reward", "rollout/rewards", "rollout/reward", "reward/mean", "reward"), ".3f"),
+    ("acc", ("rollout/accuracy", "rollout/acc", "accuracy", "acc"), ".3f"),
+    ("resp_len", ("rollout/response_len/mean", "rollout/response_len", "response_len/mean",
+                  "response_len"), ".1f"),
+    ("loss", ("train/loss", "train/pg_loss", "loss"), ".4g"),
+    ("kl", ("train/kl_loss", "train/ppo_kl", "train/kl", "kl"), ".3g"),
+]
+
+
+def format_progress_line(step: int, metrics: Mapping[str, Any]) -> str:
+    """One console line for a step: reward mean, accuracy, response length, loss, KL, times.
+
+    Looks for slime's key names (``rollout/raw_reward``, ``rollout/response_len/mean``,
+    ``train/loss``, ``train/kl_loss``, ``perf/*_time`` ...) and leaves out what is missing.
+    Example: ``step 3 | reward 0.625 | acc 0.500 | resp_len 87.2 | loss 0.0123 | kl 0.0004
+    | time rollout 4.1s train 2.0s``.
+    """
+    parts = [f"step {step}"]
+    for label, keys, fmt in _PROGRESS_FIELDS:
+        for key in keys:
+            value = _as_float(metrics.get(key))
+            if value is not None:
+                parts.append(f"{label} {value:{fmt}}")
+                break
+    times = []
+    for key, value in metrics.items():
+        f = _as_float(value)
+        if f is None or not key.endswith("_time"):
+            continue
+        name = key.split("/")[-1][: -len("_time")]
+        times.append(f"{name} {f:.1f}s")
+    if times:
+        parts.append("time " + " ".join(times))
+    return " | ".join(parts)

@@ -1,0 +1,133 @@
+"""MLflow tracking against a real sqlite store; TensorBoard mirror; console line."""
+
+import glob
+import math
+
+import pytest
+
+from slime_ray.tracking import Tracker, flatten_params, format_progress_line
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    # one store for the module: creating a sqlite store runs MLflow's migrations (seconds)
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_params_and_metrics_round_trip(uri, tmp_path):
+    params = {f"flag_{i}": i for i in range(150)}  # > 100: needs chunking
+    params.update(eval_prompt_data=["aime", "/data/aime.jsonl"], long="x" * 7000,
+                  rollout={"temperature": 1.0}, none_flag=None)
+    tr = Tracker(tracking_uri=uri, experiment_name="t", run_name="r1", params=params)
+    for step in range(3):
+        tr.log_metrics({"rollout/raw_reward": 0.1 * step, "train/loss": 1.0 / (step + 1),
+                        "skip_none": None, "skip_nan": math.nan, "eval/pass@k": 0.5}, step=step)
+    art = tmp_path / "note.txt"
+    art.write_text("hello")
+    tr.log_artifact(str(art))
+    tr.finish()
+    tr.finish()  # idempotent
+
+    run = client(uri).get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    p = run.data.params
+    assert len([k for k in p if k.startswith("flag_")]) == 150
+    assert p["flag_7"] == "7" and p["eval_prompt_data"] == '["aime", "/data/aime.jsonl"]'
+    assert p["rollout.temperature"] == "1.0" and p["none_flag"] == "None"
+    assert len(p["long"]) == 6000
+    hist = client(uri).get_metric_history(tr.run_id, "rollout/raw_reward")
+    assert [(m.step, round(m.value, 6)) for m in hist] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert len(client(uri).get_metric_history(tr.run_id, "train/loss")) == 3
+    assert "skip_none" not in run.data.metrics and "skip_nan" not in run.data.metrics
+    assert run.data.metrics["eval/pass_k"] == 0.5
+    arts = [a.path for a in client(uri).list_artifacts(tr.run_id)]
+    assert arts == ["note.txt"]
+    db_dir = uri[len("sqlite:///"):].rsplit("/", 1)[0]
+    assert glob.glob(f"{db_dir}/mlartifacts/*/artifacts/note.txt")  # next to the db, not in cwd
+
+
+def test_resume_by_run_id_appends(uri):
+    tr = Tracker(tracking_uri=uri, experiment_name="resume", params={"lr": 1e-6, "seed": 1})
+    for step in range(2):
+        tr.log_metrics({"train/loss": float(step)}, step=step)
+    tr.finish("KILLED")
+    run_id = tr.run_id
+
+    tr2 = Tracker(tracking_uri=uri, run_id=run_id, params={"lr": 1e-6, "seed": 2, "new": "x"})
+    assert tr2.run_id == run_id
+    assert client(uri).get_run(run_id).info.status == "RUNNING"
+    tr2.log_metrics({"train/loss": 2.0}, step=2)
+    tr2.finish()
+    run = client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "1e-06", "seed": "1", "new": "x"}  # first values kept
+    hist = client(uri).get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in hist] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    runs = client(uri).search_runs([run.info.experiment_id])
+    assert sum(r.info.run_id == run_id for r in runs) == 1
+
+
+def test_resume_unknown_run_id(uri):
+    with pytest.raises(ValueError, match="cannot resume MLflow run"):
+        Tracker(tracking_uri=uri, run_id="0123456789abcdef0123456789abcdef", params={})
+
+
+def test_default_uri_is_sqlite_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with Tracker(params={"a": 1}) as tr:
+        tr.log_metrics({"m": 1.0}, step=0)
+        assert tr.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_tensorboard_event_files(uri, tmp_path):
+    pytest.importorskip("tensorboard")
+    tb_dir = tmp_path / "tb"
+    tr = Tracker(tracking_uri=uri, params={}, use_tensorboard=True, tensorboard_dir=str(tb_dir))
+    for step in range(3):
+        tr.log_metrics({"rollout/raw_reward": step * 0.5, "bad": math.inf}, step=step)
+    tr.finish()
+    files = glob.glob(str(tb_dir / "events.out.tfevents.*"))
+    assert files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    assert acc.Tags()["scalars"] == ["rollout/raw_reward"]
+    assert [(e.step, e.value) for e in acc.Scalars("rollout/raw_reward")] == [(0, 0.0), (1, 0.5), (2, 1.0)]
+
+
+def test_flatten_params_namespace_and_dataclass():
+    import argparse
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Rollout:
+        temperature: float = 0.7
+        stop: list = field(default_factory=lambda: ["</s>"])
+
+    @dataclass
+    class Cfg:
+        rollout: Rollout = field(default_factory=Rollout)
+        lr: float = 1e-6
+
+    assert flatten_params(Cfg()) == {"rollout.temperature": "0.7", "rollout.stop": '["</s>"]',
+                                     "lr": "1e-06"}
+    assert flatten_params(argparse.Namespace(a=1, b=(1, 2))) == {"a": "1", "b": "[1, 2]"}
+
+
+def test_format_progress_line():
+    line = format_progress_line(3, {
+        "rollout/raw_reward": 0.625, "rollout/accuracy": 0.5, "rollout/response_len/mean": 87.25,
+        "train/loss": 0.0123, "train/kl_loss": 0.0004, "perf/rollout_time": 4.12,
+        "perf/actor_train_time": 2.0, "unrelated": "text",
+    })
+    assert line == ("step 3 | reward 0.625 | acc 0.500 | resp_len 87.2 | loss 0.0123 | kl 0.0004"
+                    " | time rollout 4.1s actor_train 2.0s")
+    assert format_progress_line(0, {"train/loss": None}) == "step 0"
