@@ -310,3 +310,46 @@ def format_progress_line(step: int, metrics: Mapping[str, Any]) -> str:
     if times:
         parts.append("time " + " ".join(times))
     return " | ".join(parts)
+
+
+def _summary_main(argv: list[str] | None = None) -> int:
+    """``python -m slime_ray.tracking summary --tracking-uri URI [--run-name N | --run-id ID]``:
+    print the last value of every metric of a run (the newest run when neither is given)."""
+    import argparse
+
+    from mlflow.tracking import MlflowClient
+
+    p = argparse.ArgumentParser(prog="python -m slime_ray.tracking summary")
+    p.add_argument("command", choices=["summary"])
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment-name", default="slime_ray")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--run-id", default=None)
+    a = p.parse_args(argv)
+    _quiet_mlflow()
+    client = MlflowClient(a.tracking_uri or default_tracking_uri())
+    if a.run_id:
+        run = client.get_run(a.run_id)
+    else:
+        exp = client.get_experiment_by_name(a.experiment_name)
+        if exp is None:
+            print(f"no experiment {a.experiment_name!r} in {a.tracking_uri}")
+            return 1
+        filt = f"attributes.run_name = '{a.run_name}'" if a.run_name else ""
+        runs = client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if not runs:
+            print(f"no run {a.run_name or ''} in experiment {a.experiment_name!r}")
+            return 1
+        run = runs[0]
+    print(f"MLflow run {run.info.run_id} ({run.info.run_name}, {run.info.status}); last values:")
+    for key in sorted(run.data.metrics):
+        steps = len(client.get_metric_history(run.info.run_id, key))
+        print(f"  {key:45s} {run.data.metrics[key]:.6g}   ({steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_summary_main())

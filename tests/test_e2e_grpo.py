@@ -74,8 +74,8 @@ def test_grpo_two_steps_end_to_end(ray_cluster, workdir):
 
     client = mlflow.tracking.MlflowClient(uri)
     run = client.get_run(result.run_id)
-    for key in ("rollout/reward_mean", "rollout/accuracy", "rollout/response_len_mean",
-                "rollout/response_len_max", "rollout/truncated_ratio", "train/loss", "train/pg_clipfrac",
+    for key in ("rollout/reward_mean", "rollout/accuracy", "rollout/response_len/mean",
+                "rollout/response_len/max", "rollout/truncated_ratio", "train/loss", "train/pg_clipfrac",
                 "train/ppo_kl", "train/kl_loss", "train/entropy", "train/grad_norm", "perf/rollout_time",
                 "perf/train_time", "perf/sync_time", "perf/rollout_tokens_per_s"):
         hist = client.get_metric_history(result.run_id, key)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from slime_ray.engines.base import default_sampling_params
-from slime_ray.rollout.rewards import compute_rewards
+from slime_ray.rollout.rewards import compute_rewards, reward_value
 from slime_ray.train import algorithms as algo
 from slime_ray.types import Sample, SampleStatus, samples_to_arrow
 
@@ -104,34 +104,30 @@ class RolloutManager:
         params = sampling_params_from_args(self.args)
         groups = list(await asyncio.gather(*(self._generate_group(g, params) for g in groups)))
         flat = [s for g in groups for s in g]
-        n_failed = await compute_rewards(self.args, flat)
+        n_failed = (await compute_rewards(self.args, flat)).num_failed
         elapsed = time.perf_counter() - t0
         self.data_source.add_samples(groups)
-        return groups, rollout_metrics(flat, elapsed, n_failed)
+        return groups, rollout_metrics(self.args, flat, elapsed, n_failed)
 
 
-def reward_value(sample: Sample, reward_key: str | None) -> float:
-    """The float reward trained on (``--reward-key`` selects from dict rewards; failed -> 0)."""
-    r = sample.reward
-    if isinstance(r, dict):
-        if reward_key is None:
-            raise ValueError(f"sample {sample.index}: the reward is a dict {sorted(r)}; pass --reward-key")
-        r = r[reward_key]
-    r = 0.0 if r is None else float(r)
+def _train_value(args: Namespace, sample: Sample) -> float:
+    """The float reward trained on; failed samples and non-finite values count as 0."""
+    if sample.status == SampleStatus.FAILED:
+        return 0.0
+    r = reward_value(args, sample)
     return r if math.isfinite(r) else 0.0
 
 
-def rollout_metrics(samples: list[Sample], elapsed_s: float, n_failed: int = 0,
-                    reward_key: str | None = None) -> dict[str, float]:
+def rollout_metrics(args: Namespace, samples: list[Sample], elapsed_s: float, n_failed: int = 0) -> dict[str, float]:
     """Metrics of a scored rollout (see :meth:`RolloutManager.generate_rollout`)."""
-    rewards = [reward_value(s, reward_key) for s in samples]
+    rewards = [_train_value(args, s) for s in samples]
     lens = [s.response_length for s in samples]
     n = max(len(samples), 1)
     return {
         "rollout/reward_mean": sum(rewards) / n,
         "rollout/accuracy": sum(r > 0 for r in rewards) / n,
-        "rollout/response_len_mean": sum(lens) / n,
-        "rollout/response_len_max": float(max(lens, default=0)),
+        "rollout/response_len/mean": sum(lens) / n,
+        "rollout/response_len/max": float(max(lens, default=0)),
         "rollout/truncated_ratio": sum(s.status == SampleStatus.TRUNCATED for s in samples) / n,
         "rollout/failed": float(n_failed),
         "perf/rollout_time": elapsed_s,
@@ -153,12 +149,12 @@ def build_train_table(args: Namespace, groups: list[list[Sample]]) -> tuple[pa.T
     for s in flat:
         if s.status == SampleStatus.FAILED:
             s.loss_mask = [0] * s.response_length
-    raw = torch.tensor([reward_value(s, args.reward_key) for s in flat], dtype=torch.float32)
+    raw = torch.tensor([_train_value(args, s) for s in flat], dtype=torch.float32)
     gid = torch.tensor([s.group_index for s in flat], dtype=torch.long)
     train = algo.normalize_rewards(raw, gid, args.advantage_estimator,
                                    std_normalize=not args.disable_grpo_std_normalization)
     table = samples_to_arrow(flat)
     table = table.append_column("raw_reward", pa.array(raw.tolist(), pa.float32()))
     table = table.append_column("train_reward", pa.array(train.tolist(), pa.float32()))
-    zero_std = sum(1 for g in groups if len(g) > 1 and len({reward_value(s, args.reward_key) for s in g}) == 1)
+    zero_std = sum(1 for g in groups if len(g) > 1 and len({_train_value(args, s) for s in g}) == 1)
     return table, {"rollout/zero_std_groups": float(zero_std)}
