@@ -1,0 +1,317 @@
+"""The rollout tier as a Ray Serve application: N engine deployments behind a routing ingress.
+
+- ``EngineDeployment`` (deployments ``engine_0 .. engine_{N-1}``, one replica each; one
+  replica = one inference engine): concurrent single ``generate`` calls are gathered by
+  ``@serve.batch`` into one ``engine.generate(list)`` call, run in a worker thread so the
+  replica keeps answering (health, abort, weight updates queue behind the engine's lock).
+- ``RolloutIngress`` (FastAPI): routes each request to the engine with the fewest
+  outstanding requests (round-robin among ties; ``session_id`` pins a session to one engine),
+  HTTP ``POST /generate`` (SGLang-shaped), ``GET /health``, ``GET /weight_version``,
+  ``POST /abort_request``, ``/pause_generation``, ``/continue_generation``, ``/flush_cache``.
+
+Weight sync does not go through the ingress: the trainer addresses every engine deployment
+(see :class:`slime_ray.rollout.engine_client.EngineClient`).
+
+Run alone::
+
+    serve run serve_apps.rollout_app:app model_path=/path/to/hf num_engines=2
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real `Request` type of the
+# route parameters (string annotations are not resolved on Serve ingress methods).
+import asyncio
+import importlib
+import itertools
+import zlib
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+# Engines by name; a "pkg.module:Class" path also works.
+ENGINES = {"hf": "slime_ray.engines.hf:HFEngine"}
+
+
+def build_engine(engine: str, model_path: str, **kwargs: Any):
+    """Instantiate a :class:`~slime_ray.engines.base.RolloutEngine` by name or path.
+
+    Raises:
+        ValueError: an unknown engine name that is not a ``module:Class`` path.
+    """
+    target = ENGINES.get(engine, engine)
+    if ":" not in target:
+        raise ValueError(f"unknown engine {engine!r}; use one of {sorted(ENGINES)} or 'module:Class'")
+    module, cls = target.split(":", 1)
+    return getattr(importlib.import_module(module), cls)(model_path, **kwargs)
+
+
+def with_meta_info(response: dict[str, Any], engine_index: int | None = None) -> dict[str, Any]:
+    """Add SGLang's ``meta_info`` block to an engine response (a new dict).
+
+    ``meta_info``: ``finish_reason: {"type": str}``, ``weight_version``, ``prompt_tokens``,
+    ``completion_tokens``, ``output_token_logprobs: [[logp, token_id, None], ...]``.
+    """
+    lps = response.get("output_log_probs") or []
+    meta = {
+        "finish_reason": {"type": response["finish_reason"]},
+        "weight_version": response["weight_version"],
+        "prompt_tokens": response.get("prompt_tokens"),
+        "completion_tokens": response.get("completion_tokens"),
+        "output_token_logprobs": [[lp, tid, None] for lp, tid in zip(lps, response["output_ids"])],
+    }
+    if engine_index is not None:
+        meta["engine_index"] = engine_index
+    return {**response, "meta_info": meta}
+
+
+@serve.deployment(max_ongoing_requests=1024)
+class EngineDeployment:
+    """One inference engine as a Serve replica (thin shell over a RolloutEngine).
+
+    Args:
+        model_path: HF folder of the policy.
+        engine: engine name ("hf") or "module:Class".
+        engine_kwargs: passed to the engine; ``seed`` is offset by ``engine_index`` so
+            engines do not draw identical samples.
+        engine_index: position of this engine (0..N-1).
+        max_batch_size: most requests in one ``engine.generate`` call.
+        batch_wait_timeout_s: how long (seconds) a partial batch waits for more requests.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        engine: str = "hf",
+        engine_kwargs: dict[str, Any] | None = None,
+        engine_index: int = 0,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.05,
+    ):
+        kwargs = dict(engine_kwargs or {})
+        if engine == "hf" or "seed" in kwargs:
+            kwargs["seed"] = int(kwargs.get("seed", 0)) + engine_index
+        self.engine = build_engine(engine, model_path, **kwargs)
+        self.engine_index = engine_index
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
+    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Called with ONE request dict; Serve batches concurrent calls. Returns its response."""
+        return await asyncio.to_thread(self.engine.generate, requests)
+
+    async def update_weights(self, weights: Any, weight_version: int) -> int:
+        """Load ``weights`` (dict name -> CPU tensor, or an ObjectRef to one); returns the version.
+
+        Waits for the in-flight batch (the engine's lock), so no response mixes weights.
+        """
+        if isinstance(weights, (list, tuple)) and len(weights) == 1:
+            weights = weights[0]  # [ref] wrapper keeps Ray from resolving the ref in transit
+        if isinstance(weights, ray.ObjectRef):
+            weights = await weights
+        await asyncio.to_thread(self.engine.update_weights, weights, int(weight_version))
+        self.engine.flush_cache()
+        return self.engine.weight_version
+
+    def get_weight_version(self) -> int:
+        return self.engine.weight_version
+
+    async def get_weights(self) -> dict[str, Any]:
+        """The engine's weights as CPU tensors (for sync checks)."""
+        return await asyncio.to_thread(self.engine.get_weights)
+
+    def pause(self) -> None:
+        self.engine.pause()
+
+    def resume(self) -> None:
+        self.engine.resume()
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def abort(self, abort_all: bool = True) -> None:
+        self.engine.abort(abort_all)
+
+    async def release_memory(self) -> None:
+        await asyncio.to_thread(self.engine.release_memory)
+
+    async def resume_memory(self) -> None:
+        await asyncio.to_thread(self.engine.resume_memory)
+
+    def health(self) -> dict[str, Any]:
+        return {**self.engine.health(), "engine_index": self.engine_index}
+
+
+fastapi_app = FastAPI(title="slime_ray rollout")
+
+
+@serve.deployment(max_ongoing_requests=8192, ray_actor_options={"num_cpus": 0})
+@serve.ingress(fastapi_app)
+class RolloutIngress:
+    """Router over the engine deployments (HTTP and DeploymentHandle entry point).
+
+    Args:
+        engines: one DeploymentHandle per engine deployment, in index order.
+    """
+
+    def __init__(self, engines: list[DeploymentHandle]):
+        if not engines:
+            raise ValueError("RolloutIngress needs at least one engine")
+        self.engines = list(engines)
+        self.outstanding = [0] * len(self.engines)
+        self._rr = itertools.count()
+
+    def _pick(self, request: dict[str, Any]) -> int:
+        """Engine index: hash of ``session_id`` if given, else least outstanding (RR on ties)."""
+        n = len(self.engines)
+        if request.get("session_id") is not None:
+            return zlib.crc32(str(request["session_id"]).encode()) % n
+        start = next(self._rr) % n
+        order = [(start + k) % n for k in range(n)]
+        return min(order, key=lambda i: self.outstanding[i])
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Route one request (see :mod:`slime_ray.engines.base`); returns the response + meta_info.
+
+        Raises:
+            ValueError: a request with neither ``input_ids`` nor ``text``.
+        """
+        if request.get("input_ids") is None and request.get("text") is None:
+            raise ValueError("generate: the request needs 'input_ids' or 'text'")
+        engine_request = {
+            k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request
+        }
+        i = self._pick(request)
+        self.outstanding[i] += 1
+        try:
+            response = await self.engines[i].generate.remote(engine_request)
+        finally:
+            self.outstanding[i] -= 1
+        return with_meta_info(response, i)
+
+    def num_engines(self) -> int:
+        return len(self.engines)
+
+    async def weight_versions(self) -> list[int]:
+        return list(await asyncio.gather(*[h.get_weight_version.remote() for h in self.engines]))
+
+    async def broadcast(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every engine and wait for all (pause, resume, abort, ...)."""
+        return list(await asyncio.gather(*[getattr(h, method).remote(*args) for h in self.engines]))
+
+    # ------------------------------------------------------------------ HTTP routes
+    @fastapi_app.post("/generate")
+    async def http_generate(self, http_request: Request):
+        body = await http_request.json()
+        try:
+            return await self.generate(body)
+        except ValueError as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+
+    @fastapi_app.get("/health")
+    async def http_health(self):
+        states = await self.broadcast("health")
+        ok = all(s.get("ok") for s in states)
+        return JSONResponse({"ok": ok, "engines": states}, status_code=200 if ok else 503)
+
+    @fastapi_app.get("/weight_version")
+    async def http_weight_version(self):
+        versions = await self.weight_versions()
+        return {"weight_version": min(versions), "weight_versions": versions}
+
+    @fastapi_app.post("/abort_request")
+    async def http_abort(self):
+        await self.broadcast("abort", True)
+        return {"ok": True}
+
+    @fastapi_app.post("/pause_generation")
+    async def http_pause(self):
+        await self.broadcast("pause")
+        return {"ok": True}
+
+    @fastapi_app.post("/continue_generation")
+    async def http_continue(self):
+        await self.broadcast("resume")
+        return {"ok": True}
+
+    @fastapi_app.post("/flush_cache")
+    async def http_flush(self):
+        await self.broadcast("flush_cache")
+        return {"ok": True}
+
+
+def build_rollout_app(
+    model_path: str,
+    *,
+    num_engines: int = 1,
+    engine: str = "hf",
+    engine_kwargs: dict[str, Any] | None = None,
+    max_batch_size: int = 64,
+    batch_wait_timeout_s: float = 0.05,
+    num_cpus_per_engine: float = 1,
+    num_gpus_per_engine: float = 0,
+) -> serve.Application:
+    """Compose N engine deployments (``engine_0..engine_{N-1}``) and the ingress with ``.bind()``.
+
+    Deploy with ``serve.run(app, name="rollout")``; then
+    ``EngineClient.from_app("rollout")`` addresses the ingress and every engine.
+
+    Raises:
+        ValueError: ``num_engines < 1`` or ``max_batch_size < 1``.
+    """
+    if num_engines < 1 or max_batch_size < 1:
+        raise ValueError(f"num_engines ({num_engines}) and max_batch_size ({max_batch_size}) must be >= 1")
+    engines = [
+        EngineDeployment.options(
+            name=f"engine_{i}",
+            num_replicas=1,
+            max_ongoing_requests=max(1024, 2 * max_batch_size),
+            ray_actor_options={"num_cpus": num_cpus_per_engine, "num_gpus": num_gpus_per_engine},
+        ).bind(
+            model_path,
+            engine=engine,
+            engine_kwargs=engine_kwargs,
+            engine_index=i,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+        )
+        for i in range(num_engines)
+    ]
+    return RolloutIngress.bind(engines)
+
+
+_ENGINE_ARG_TYPES = {"dtype": str, "device": str, "seed": int}
+_APP_ARG_TYPES = {
+    "num_engines": int,
+    "engine": str,
+    "max_batch_size": int,
+    "batch_wait_timeout_s": float,
+    "num_cpus_per_engine": float,
+    "num_gpus_per_engine": float,
+}
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """``serve run serve_apps.rollout_app:app model_path=... [num_engines=2 dtype=bfloat16 ...]``.
+
+    Keys: ``model_path`` (required), the keyword arguments of :func:`build_rollout_app`, and
+    the engine's ``dtype``, ``device``, ``seed``.
+
+    Raises:
+        ValueError: no ``model_path`` or an unknown key.
+    """
+    args = dict(args)
+    if "model_path" not in args:
+        raise ValueError("rollout app: pass model_path=/path/to/hf/folder")
+    unknown = set(args) - {"model_path"} - set(_ENGINE_ARG_TYPES) - set(_APP_ARG_TYPES)
+    if unknown:
+        raise ValueError(f"rollout app: unknown arguments {sorted(unknown)}")
+    engine_kwargs = {k: _ENGINE_ARG_TYPES[k](v) for k, v in args.items() if k in _ENGINE_ARG_TYPES}
+    app_kwargs = {k: _APP_ARG_TYPES[k](v) for k, v in args.items() if k in _APP_ARG_TYPES}
+    return build_rollout_app(args["model_path"], engine_kwargs=engine_kwargs, **app_kwargs)
+
+
+app = app_builder

@@ -1,0 +1,352 @@
+"""HFEngine: the embedded transformers rollout engine (CPU or one GPU).
+
+Implements :class:`slime_ray.engines.base.RolloutEngine` with ``model.generate``:
+
+- one ``generate`` call per group of requests that share ``temperature / top_p / top_k``
+  (requests with a ``seed`` run alone, so their output does not depend on what they were
+  batched with), left padding with an attention mask;
+- per-row stopping (model EOS ids + the request's ``stop_token_ids``, ``max_new_tokens``,
+  ``stop`` strings, abort) through one :class:`transformers.StoppingCriteria` that returns a
+  ``[B]`` bool tensor, so a finished row stops early while the others go on;
+- per-token log-probs from the *raw* logits (``output_logits=True``) at the sampling
+  temperature, ``log_softmax(logits / T)[token]`` (T=1 for greedy), so they equal a trainer
+  forward pass on prompt + response with the logits divided by T.
+
+Text stays consistent with token ids: ``text = decode(output_ids)`` (the stop string and the
+EOS token are kept, like slime's ``no_stop_trim=True``; special tokens are skipped in text).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+
+from slime_ray.engines.base import RolloutEngine, default_sampling_params
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _apply_torch_threads() -> None:
+    """``torch.set_num_threads`` from env ``SLIME_RAY_TORCH_THREADS`` when it is set."""
+    n = os.environ.get("SLIME_RAY_TORCH_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+class _RowStopper:
+    """Per-row stopping criterion for ``model.generate`` (returns a ``[B]`` bool tensor).
+
+    A row is done once it emitted one of its stop token ids, reached its own
+    ``max_new_tokens``, or its decoded output contains one of its stop strings. Every row is
+    done once ``abort_event`` is set.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], prompt_len: int, tokenizer, abort_event):
+        self.rows = rows
+        self.prompt_len = prompt_len
+        self.tokenizer = tokenizer
+        self.abort_event = abort_event
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        batch, total = input_ids.shape
+        if self.abort_event.is_set():
+            return torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        n_new = total - self.prompt_len
+        last = input_ids[:, -1].tolist()
+        done = []
+        for i, row in enumerate(self.rows):
+            stop = last[i] in row["stop_ids"] or n_new >= row["max_new_tokens"]
+            if not stop and row["stop"]:
+                text = self.tokenizer.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
+                stop = any(s in text for s in row["stop"])
+            done.append(stop)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class HFEngine(RolloutEngine):
+    """Embedded transformers engine: batched sampling with log-probs and weight updates.
+
+    Args:
+        model_path: an HF folder (``AutoModelForCausalLM`` + tokenizer).
+        dtype: "float32" | "bfloat16" | "float16" (weights and logits).
+        device: torch device string ("cpu", "cuda", "cuda:0").
+        seed: seeds torch's RNG at start (unseeded requests draw from it afterwards).
+        eos_token_ids: ids that end a response for every request; default: the model's
+            ``generation_config.eos_token_id`` (or the tokenizer's eos).
+
+    Attributes:
+        weight_version: version of the loaded weights (0 = as loaded from ``model_path``).
+        max_batch_size_seen: largest number of requests one :meth:`generate` call received.
+        num_generate_calls: number of :meth:`generate` calls served.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+        eos_token_ids: list[int] | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        _apply_torch_threads()
+        if dtype not in _DTYPES:
+            raise ValueError(f"HFEngine: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
+        self.model.to(self.device).eval()
+        if eos_token_ids is None:
+            eos = self.model.generation_config.eos_token_id
+            if eos is None:
+                eos = self.tokenizer.eos_token_id
+            eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_token_ids = [int(e) for e in eos_token_ids]
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or [0])[0])
+        # A clean generation config: the model's own defaults (repetition penalty, top-k, ...)
+        # must not leak into rollouts, or log-probs would no longer match the trainer.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id
+        )
+        self.weight_version = 0
+        self.max_batch_size_seen = 0
+        self.num_generate_calls = 0
+        self._lock = threading.Lock()  # generate vs update_weights: never interleaved
+        self._abort = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate for a batch of requests (fields: see :mod:`slime_ray.engines.base`).
+
+        Blocks while the engine is paused. Requests are grouped by (temperature, top_p,
+        top_k); a request with ``sampling_params["seed"]`` runs alone after
+        ``torch.manual_seed(seed)`` so it is reproducible whatever it is batched with.
+
+        Returns:
+            One response dict per request, in order: ``text``, ``output_ids`` (list[int]),
+            ``output_log_probs`` (list[float], log-prob at the sampling temperature; empty
+            when ``return_logprob`` is false), ``finish_reason`` ("stop" if the response
+            ends on a stop/EOS token, which is included, or on a stop string; "length";
+            "abort"), ``weight_version``, ``prompt_tokens``, ``completion_tokens``.
+
+        Raises:
+            ValueError: a request with neither ``input_ids`` nor ``text``, or an empty prompt.
+        """
+        if not requests:
+            return []
+        self._running.wait()
+        rows = [self._normalize(r) for r in requests]
+        with self._lock:
+            self._abort.clear()
+            self.num_generate_calls += 1
+            self.max_batch_size_seen = max(self.max_batch_size_seen, len(rows))
+            out: list[dict[str, Any] | None] = [None] * len(rows)
+            for idx in self._groups(rows):
+                group = [rows[i] for i in idx]
+                for i, resp in zip(idx, self._generate_group(group)):
+                    out[i] = resp
+        return out  # type: ignore[return-value]
+
+    def _normalize(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request -> an internal row with resolved ids and sampling params."""
+        sp = default_sampling_params(**(request.get("sampling_params") or {}))
+        if request.get("input_ids") is not None:
+            ids = [int(t) for t in request["input_ids"]]
+        elif request.get("text") is not None:
+            ids = self.tokenizer.encode(request["text"])
+        else:
+            raise ValueError("HFEngine.generate: a request needs 'input_ids' or 'text'")
+        if not ids:
+            raise ValueError("HFEngine.generate: empty prompt")
+        stop = sp["stop"]
+        return {
+            "ids": ids,
+            "temperature": float(sp["temperature"]),
+            "top_p": float(sp["top_p"]),
+            "top_k": int(sp["top_k"]),
+            "seed": sp["seed"],
+            "max_new_tokens": int(sp["max_new_tokens"]),
+            "stop": [stop] if isinstance(stop, str) else list(stop or []),
+            "stop_ids": set(self.eos_token_ids) | set(sp["stop_token_ids"] or []),
+            "return_logprob": bool(request.get("return_logprob", True)),
+        }
+
+    @staticmethod
+    def _groups(rows: list[dict[str, Any]]) -> list[list[int]]:
+        """Indices grouped by sampling params; seeded rows each form their own group."""
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(rows):
+            key = ("seed", i) if r["seed"] is not None else (r["temperature"], r["top_p"], r["top_k"])
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    @torch.no_grad()
+    def _generate_group(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One ``model.generate`` call for rows sharing temperature / top_p / top_k."""
+        from transformers import StoppingCriteriaList
+
+        if self._abort.is_set():
+            return [self._response(r, [], [], "abort") for r in rows]
+        temp, top_p, top_k, seed = rows[0]["temperature"], rows[0]["top_p"], rows[0]["top_k"], rows[0]["seed"]
+        greedy = temp <= 0.0
+        prompt_len = max(len(r["ids"]) for r in rows)
+        input_ids = torch.full((len(rows), prompt_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), prompt_len), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            input_ids[i, prompt_len - len(r["ids"]) :] = torch.tensor(r["ids"])
+            attention_mask[i, prompt_len - len(r["ids"]) :] = 1
+        max_new = max(r["max_new_tokens"] for r in rows)
+        if max_new <= 0:
+            return [self._response(r, [], [], "length") for r in rows]
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            do_sample=not greedy,
+            temperature=1.0 if greedy else temp,
+            top_p=top_p,
+            top_k=top_k if top_k > 0 else 0,
+            max_new_tokens=max_new,
+            eos_token_id=self.eos_token_ids or None,
+            pad_token_id=self.pad_token_id,
+            stopping_criteria=StoppingCriteriaList(
+                [_RowStopper(rows, prompt_len, self.tokenizer, self._abort)]
+            ),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_ids = out.sequences[:, prompt_len:].cpu()  # [B, S]
+        scale = 1.0 if greedy else temp
+        logits = torch.stack(out.logits, dim=1).float().cpu() / scale  # [B, S, V]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
+        aborted = self._abort.is_set()
+        return [self._finish(r, new_ids[i].tolist(), logp[i].tolist(), aborted) for i, r in enumerate(rows)]
+
+    def _finish(self, row: dict[str, Any], ids: list[int], lps: list[float], aborted: bool) -> dict:
+        """Cut one row's output at its first stop (token, string) or its max_new_tokens."""
+        limit = min(len(ids), row["max_new_tokens"])
+        for k in range(limit):
+            if ids[k] in row["stop_ids"]:
+                return self._response(row, ids[: k + 1], lps[: k + 1], "stop")
+        if row["stop"]:
+            text = self.tokenizer.decode(ids[:limit], skip_special_tokens=True)
+            if any(s in text for s in row["stop"]):
+                for k in range(1, limit + 1):
+                    text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+                    if any(s in text for s in row["stop"]):
+                        return self._response(row, ids[:k], lps[:k], "stop")
+        if limit >= row["max_new_tokens"]:
+            return self._response(row, ids[:limit], lps[:limit], "length")
+        # Neither stopped nor at the limit: generation was cut short by abort.
+        reason = "abort" if aborted else "length"
+        return self._response(row, ids[:limit], lps[:limit], reason)
+
+    def _response(self, row: dict[str, Any], ids: list[int], lps: list[float], reason: str) -> dict:
+        return {
+            "text": self.tokenizer.decode(ids, skip_special_tokens=True),
+            "output_ids": [int(t) for t in ids],
+            "output_log_probs": [float(x) for x in lps] if row["return_logprob"] else [],
+            "finish_reason": reason,
+            "weight_version": self.weight_version,
+            "prompt_tokens": len(row["ids"]),
+            "completion_tokens": len(ids),
+        }
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: dict[str, torch.Tensor], weight_version: int) -> None:
+        """Copy ``named_tensors`` (HF names -> tensors, any device/dtype) into the model.
+
+        Strict on the given names (a subset of the state dict is fine, e.g. one bucket);
+        every name and shape is checked before anything is copied, so a bad call leaves the
+        weights untouched. Tied embeddings: ``lm_head.weight`` and the input embedding share
+        storage, so sending either one updates both (sending both requires equal values).
+        Waits for an in-flight ``generate``.
+
+        Raises:
+            KeyError: a name the model does not have (the unknown names are listed).
+            ValueError: a tensor whose shape differs from the model's, or tied names sent
+                with different values.
+        """
+        state = self.model.state_dict()
+        unknown = sorted(set(named_tensors) - set(state))
+        if unknown:
+            raise KeyError(f"HFEngine.update_weights: unknown parameter names {unknown[:10]}")
+        bad = [
+            f"{n}: got {tuple(t.shape)}, model has {tuple(state[n].shape)}"
+            for n, t in named_tensors.items()
+            if tuple(t.shape) != tuple(state[n].shape)
+        ]
+        if bad:
+            raise ValueError(f"HFEngine.update_weights: shape mismatch: {'; '.join(bad[:10])}")
+        self._check_tied(state, named_tensors)
+        with self._lock, torch.no_grad():
+            for name, tensor in named_tensors.items():
+                state[name].copy_(tensor.to(device=state[name].device, dtype=state[name].dtype))
+            self.weight_version = int(weight_version)
+
+    @staticmethod
+    def _check_tied(state: dict[str, torch.Tensor], named_tensors: dict[str, torch.Tensor]) -> None:
+        """Names that share storage (tied embeddings) must not be sent with different values."""
+        by_storage: dict[int, str] = {}
+        for name in named_tensors:
+            ptr = state[name].data_ptr()
+            other = by_storage.setdefault(ptr, name)
+            if other != name and not torch.equal(named_tensors[other], named_tensors[name]):
+                raise ValueError(
+                    f"HFEngine.update_weights: {other} and {name} are tied (one tensor) "
+                    "but were sent with different values"
+                )
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the state dict (HF names -> tensors; tied names share values)."""
+        with self._lock:
+            return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ control
+    def pause(self) -> None:
+        """New :meth:`generate` calls block until :meth:`resume`; in-flight ones finish."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        """Unblock :meth:`generate` after :meth:`pause`."""
+        self._running.set()
+
+    def flush_cache(self) -> None:
+        """No cross-request cache here (the KV cache lives only inside one generate call)."""
+
+    def abort(self, abort_all: bool = True) -> None:
+        """End the in-flight :meth:`generate` early: unfinished rows return finish "abort"."""
+        self._abort.set()
+
+    def release_memory(self) -> None:
+        """Move the weights to CPU and free accelerator memory (no-op on CPU)."""
+        if self.device.type != "cpu":
+            with self._lock:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Move the weights back to the engine's device (no-op on CPU)."""
+        if self.device.type != "cpu":
+            with self._lock:
+                self.model.to(self.device)
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls"}``."""
+        return {
+            "ok": True,
+            "weight_version": self.weight_version,
+            "paused": not self._running.is_set(),
+            "max_batch_size_seen": self.max_batch_size_seen,
+            "num_generate_calls": self.num_generate_calls,
+        }

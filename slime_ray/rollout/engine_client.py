@@ -1,0 +1,124 @@
+"""EngineClient: the driver's / trainer's view of a deployed rollout app.
+
+Generation goes through the ingress (routing, batching); weight sync and control calls go to
+every engine deployment directly, so each engine is addressed exactly once::
+
+    client = EngineClient.from_app("rollout")
+    response = await client.generate({"input_ids": [...], "sampling_params": {...}})
+    client.update_weights(ray.put(cpu_state_dict), weight_version=step + 1)
+
+The blocking methods (``update_weights``, ``weight_versions``, ...) wait with
+``DeploymentResponse.result()`` and must not be called from inside an asyncio event loop;
+use the ``*_async`` variants there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+INGRESS_NAME = "RolloutIngress"
+
+
+class EngineClient:
+    """Handles to the ingress and to each engine deployment of one rollout app.
+
+    Args:
+        ingress: handle of ``RolloutIngress``.
+        engines: handles of ``engine_0 .. engine_{N-1}``, in index order.
+    """
+
+    def __init__(self, ingress: DeploymentHandle, engines: list[DeploymentHandle]):
+        self.ingress = ingress
+        self.engines = list(engines)
+
+    @classmethod
+    def from_app(cls, app_name: str = "rollout", num_engines: int | None = None) -> "EngineClient":
+        """Build from a running Serve app; ``num_engines`` defaults to the ``engine_*`` count.
+
+        Raises:
+            ValueError: the app is not running or has no ``engine_*`` deployments.
+        """
+        if num_engines is None:
+            apps = serve.status().applications
+            if app_name not in apps:
+                raise ValueError(f"no Serve application {app_name!r}; running: {sorted(apps)}")
+            names = [d for d in apps[app_name].deployments if d.startswith("engine_")]
+            num_engines = len(names)
+        if num_engines < 1:
+            raise ValueError(f"Serve application {app_name!r} has no engine_* deployments")
+        ingress = serve.get_deployment_handle(INGRESS_NAME, app_name)
+        engines = [serve.get_deployment_handle(f"engine_{i}", app_name) for i in range(num_engines)]
+        return cls(ingress, engines)
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engines)
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request through the ingress; the engine response dict plus ``meta_info``."""
+        return await self.ingress.generate.remote(request)
+
+    # ------------------------------------------------------------------ weight sync
+    def _calls(self, method: str, *args: Any) -> list:
+        return [getattr(h, method).remote(*args) for h in self.engines]
+
+    @staticmethod
+    def _as_ref(weights: Any) -> list:
+        """A dict is put in the object store once; the ref travels wrapped in a list."""
+        if isinstance(weights, dict):
+            weights = ray.put({k: v.detach().cpu() for k, v in weights.items()})
+        return [weights]
+
+    def update_weights(self, weights: Any, weight_version: int) -> list[int]:
+        """Send ``weights`` to every engine and wait for all; returns their new versions.
+
+        Args:
+            weights: ``ray.put(dict[str, Tensor])`` (CPU tensors, HF names) or the dict itself.
+            weight_version: the version every engine reports afterwards.
+
+        Raises:
+            the engine's KeyError / ValueError (unknown name, shape mismatch), wrapped by Ray.
+        """
+        ref = self._as_ref(weights)
+        return [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
+
+    async def update_weights_async(self, weights: Any, weight_version: int) -> list[int]:
+        """Async :meth:`update_weights` (for callers inside an event loop)."""
+        ref = self._as_ref(weights)
+        return list(await asyncio.gather(*self._calls("update_weights", ref, int(weight_version))))
+
+    def weight_versions(self) -> list[int]:
+        """``weight_version`` of each engine, in index order."""
+        return [r.result() for r in self._calls("get_weight_version")]
+
+    def get_engine_weights(self, i: int) -> dict[str, torch.Tensor]:
+        """Engine ``i``'s current weights (CPU tensors by HF name)."""
+        return self.engines[i].get_weights.remote().result()
+
+    # ------------------------------------------------------------------ control
+    def pause(self) -> None:
+        """New generate batches wait on every engine (in-flight ones finish)."""
+        [r.result() for r in self._calls("pause")]
+
+    def resume(self) -> None:
+        [r.result() for r in self._calls("resume")]
+
+    def flush_cache(self) -> None:
+        [r.result() for r in self._calls("flush_cache")]
+
+    def abort(self) -> None:
+        """Abort in-flight batches on every engine (they return finish reason "abort")."""
+        [r.result() for r in self._calls("abort", True)]
+
+    async def abort_async(self) -> None:
+        await asyncio.gather(*self._calls("abort", True))
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each engine's ``health()`` dict."""
+        return [r.result() for r in self._calls("health")]
