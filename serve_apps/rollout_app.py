@@ -253,6 +253,7 @@ def build_rollout_app(
     batch_wait_timeout_s: float = 0.05,
     num_cpus_per_engine: float = 1,
     num_gpus_per_engine: float = 0,
+    torch_num_threads: int | None = None,
 ) -> serve.Application:
     """Compose N engine deployments (``engine_0..engine_{N-1}``) and the ingress with ``.bind()``.
 
@@ -269,7 +270,12 @@ def build_rollout_app(
             name=f"engine_{i}",
             num_replicas=1,
             max_ongoing_requests=max(1024, 2 * max_batch_size),
-            ray_actor_options={"num_cpus": num_cpus_per_engine, "num_gpus": num_gpus_per_engine},
+            ray_actor_options={
+                "num_cpus": num_cpus_per_engine,
+                "num_gpus": num_gpus_per_engine,
+                **({"runtime_env": {"env_vars": {"SLIME_RAY_TORCH_THREADS": str(torch_num_threads)}}}
+                   if torch_num_threads else {}),
+            },
         ).bind(
             model_path,
             engine=engine,

@@ -90,7 +90,7 @@ def start_rollout_app(args: Namespace) -> Any:
     serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
     app = build_rollout_app(
         args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,
-        engine_kwargs={"seed": args.rollout_seed, "num_threads": args.torch_num_threads},
+        engine_kwargs={"seed": args.rollout_seed}, torch_num_threads=args.torch_num_threads,
         max_batch_size=args.rollout_max_batch_size, batch_wait_timeout_s=args.rollout_batch_wait_s,
         num_cpus_per_engine=args.num_cpus_per_engine)
     serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)

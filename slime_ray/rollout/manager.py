@@ -56,10 +56,7 @@ async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, A
     after the first EOS, which is trained on), ``status`` and ``weight_versions``.
     """
     client = get_engine_client()
-    params = dict(sampling_params)
-    if params.get("seed") is None and getattr(args, "rollout_seed", None) is not None:
-        params["seed"] = int(args.rollout_seed) * 1_000_003 + sample.index
-    out = await client.generate({"input_ids": list(sample.tokens), "sampling_params": params,
+    out = await client.generate({"input_ids": list(sample.tokens), "sampling_params": dict(sampling_params),
                                  "return_logprob": True})
     ids = list(out["output_ids"])
     sample.append_response_tokens(ids, list(out["output_log_probs"]), trainable=True,
