@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -552,6 +553,7 @@ class SGLangEngine(RolloutEngine):
         self.client = SGLangClient(url)
         if self.process is not None:
             self.process.start()
+            weakref.finalize(self, self.process.stop)  # never leave a server behind (also at exit)
             try:
                 self.process.wait_ready(self.client, timeout_s=start_timeout_s)
             except BaseException:
