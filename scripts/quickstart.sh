@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+# Ray's token authentication on (the token lives in ~/.ray/auth_token; generated on first use).
+export RAY_AUTH_MODE=token
+[ -s ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
 MODEL=$(python -m slime_ray.models fetch smollm2-135m-instruct | tail -n 1)
 echo "model: $MODEL"
 if ! ray status >/dev/null 2>&1; then
