@@ -276,7 +276,7 @@ class Tracker:
 
 # ----------------------------------------------------------------------------- console
 _PROGRESS_FIELDS: list[tuple[str, tuple[str, ...], str]] = [
-    ("reward", ("rollout/raw_reward", "rollout/rewards", "rollout/reward", "reward/mean", "reward"), ".3f"),
+    ("reward", ("rollout/reward_mean", "rollout/raw_reward", "rollout/rewards", "rollout/reward", "reward/mean", "reward"), ".3f"),
     ("acc", ("rollout/accuracy", "rollout/acc", "accuracy", "acc"), ".3f"),
     ("resp_len", ("rollout/response_len/mean", "rollout/response_len", "response_len/mean",
                   "response_len"), ".1f"),
