@@ -29,7 +29,7 @@ ray job submit --submission-id "$SUBMISSION_ID" --working-dir . --runtime-env ru
     --advantage-estimator grpo --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 \
     --mlflow-tracking-uri "$MLFLOW_URI" --run-name "$SUBMISSION_ID" "$@"
 set -e
-STATUS=$(ray job status "$SUBMISSION_ID" 2>/dev/null | grep -oE "SUCCEEDED|FAILED|STOPPED|RUNNING|PENDING" | tail -n 1)
+STATUS=$(python -c "from ray.job_submission import JobSubmissionClient as C; print(C('$RAY_ADDRESS').get_job_status('$SUBMISSION_ID').value)" 2>/dev/null || echo UNKNOWN)
 echo
 echo "job $SUBMISSION_ID: $STATUS"
 echo "Ray dashboard:  http://127.0.0.1:8265  (ray job status $SUBMISSION_ID)"
