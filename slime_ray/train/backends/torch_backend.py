@@ -70,6 +70,7 @@ class TorchTrainer:
             eps=args.adam_eps, weight_decay=args.weight_decay,
         )
         self.step = 0
+        self._prepared: tuple[int, dict[str, Any]] | None = None  # compute_advantages -> train
 
     # ------------------------------------------------------------------ distributed
     def init_distributed(self, master_addr: str, master_port: int, backend: str = "gloo") -> None:
@@ -111,35 +112,74 @@ class TorchTrainer:
         return out
 
     # ------------------------------------------------------------------ training
-    def train(self, rollout_id: int, table: pa.Table) -> dict[str, float]:
+    def compute_advantages(self, rollout_id: int, table: pa.Table,
+                           values: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """Old / reference log-probs and advantages of one rollout, kept for :meth:`train`.
+
+        Called before :meth:`train` when the returns are needed elsewhere first (PPO: the critic
+        trains on them); :meth:`train` with the same ``rollout_id`` then reuses this work.
+
+        Args:
+            rollout_id: the rollout step; the result is cached under it.
+            table: the whole rollout (every rank gets all rows and takes its share).
+            values: [B, >= L] critic values of every response token (required for ppo).
+
+        Returns:
+            ``{"advantages": [B, L], "returns": [B, L] or None}`` float32 for the whole batch
+            (each rank fills its rows, summed over ranks), 0 where the loss mask is 0.
+
+        Raises:
+            ValueError: ppo without values (from ``algorithms.compute_advantages``).
+        """
+        prep = self._prepare(table, values)
+        self._prepared = (rollout_id, prep)
+        m = torch.zeros_like(prep["batch"].loss_mask)
+        m[prep["rows"]] = 1.0
+        ret = prep["returns"]
+        return {"advantages": self._all_reduce(prep["adv"] * m),
+                "returns": None if ret is None else self._all_reduce(ret * m)}
+
+    def _prepare(self, table: pa.Table, values: torch.Tensor | None) -> dict[str, Any]:
+        """Batch, this rank's micro-batches, old/ref log-probs, advantages and returns."""
+        a = self.args
+        batch = batch_from_arrow(table)
+        n, gbs = len(batch), a.global_batch_size
+        chunks = [c for s in range(n // gbs) for c in micro_batches(
+            step_rank_indices(n, gbs, s, self.rank, self.world_size), a.micro_batch_size)]
+        my_rows = sorted(r for c in chunks for r in c)
+        old_lp = batch.rollout_log_probs.clone() if a.use_rollout_logprobs else self._log_probs_rows(self.model, batch, chunks)
+        ref_lp = self._log_probs_rows(self.ref_model, batch, chunks) if self.ref_model is not None else None
+        if values is not None:
+            values = values[:, : batch.loss_mask.shape[1]].float()  # [B, L]
+        adv, returns = algo.compute_advantages(
+            a.advantage_estimator, rewards=batch.rewards, loss_mask=batch.loss_mask, log_probs=old_lp,
+            ref_log_probs=ref_lp, values=values, kl_coef=a.kl_coef, kl_type=a.kl_loss_type,
+            gamma=a.gamma, lam=a.lambd)
+        if a.normalize_advantages:
+            adv = self._whiten(adv, batch.loss_mask, my_rows)
+        return {"batch": batch, "rows": my_rows, "old_lp": old_lp, "ref_lp": ref_lp, "adv": adv,
+                "returns": returns}
+
+    def train(self, rollout_id: int, table: pa.Table, values: torch.Tensor | None = None) -> dict[str, float]:
         """Train on one rollout batch; returns metrics averaged over the global batch.
 
         Args:
-            rollout_id: the rollout step (for logging).
+            rollout_id: the rollout step (for logging; reuses :meth:`compute_advantages` of the
+                same step if it was called).
             table: the whole rollout (every rank gets all rows and takes its share).
+            values: [B, >= L] critic values (ppo), unless :meth:`compute_advantages` ran.
 
         Returns:
             ``{"train/loss", "train/pg_loss", "train/pg_clipfrac", "train/ppo_kl", "train/kl_loss",
             "train/entropy", "train/grad_norm", ...}``, identical on every rank.
         """
-        a = self.args
-        batch = batch_from_arrow(table)
-        n, gbs = len(batch), a.global_batch_size
-        steps = n // gbs
-        chunks = [c for s in range(steps) for c in micro_batches(
-            step_rank_indices(n, gbs, s, self.rank, self.world_size), a.micro_batch_size)]
-        my_rows = sorted(r for c in chunks for r in c)
-        old_lp = batch.rollout_log_probs.clone() if a.use_rollout_logprobs else self._log_probs_rows(self.model, batch, chunks)
-        ref_lp = self._log_probs_rows(self.ref_model, batch, chunks) if self.ref_model is not None else None
-        adv, _ = algo.compute_advantages(
-            a.advantage_estimator, rewards=batch.rewards, loss_mask=batch.loss_mask, log_probs=old_lp,
-            ref_log_probs=ref_lp, values=None, kl_coef=a.kl_coef, kl_type=a.kl_loss_type,
-            gamma=a.gamma, lam=a.lambd)
-        if a.normalize_advantages:
-            adv = self._whiten(adv, batch.loss_mask, my_rows)
+        cached, self._prepared = self._prepared, None
+        prep = cached[1] if cached is not None and cached[0] == rollout_id else self._prepare(table, values)
+        batch = prep["batch"]
+        steps = len(batch) // self.args.global_batch_size
         totals: dict[str, float] = {}
         for s in range(steps):
-            step_metrics = self._optimizer_step(batch, s, old_lp, ref_lp, adv)
+            step_metrics = self._optimizer_step(batch, s, prep["old_lp"], prep["ref_lp"], prep["adv"])
             for k, v in step_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / steps
         self.step += 1
