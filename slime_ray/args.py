@@ -86,6 +86,8 @@ class RolloutConfig:
     max_turns: int = arg(1, "Max turns of a multi-turn custom generate function.")
     rollout_max_batch_size: int = arg(64, "Largest batch one engine forms from concurrent requests.")
     rollout_batch_wait_s: float = arg(0.05, "How long an engine waits to fill a batch, seconds.")
+    deterministic_rollout: bool = arg(False, "Seed each sample's sampling with --rollout-seed + sample index: "
+                                      "rollouts repeat exactly (also across resume); hf engine runs such requests unbatched.")
 
 
 @dataclass
@@ -123,6 +125,7 @@ class AlgorithmConfig:
     use_rollout_logprobs: bool = arg(False, "Use the engine's log-probs as the old policy's.")
     critic_lr: float | None = arg(None, "Learning rate of the critic (PPO; default --lr).")
     value_clip: float = arg(0.2, "Value clip range (PPO critic).")
+    num_critic_only_steps: int = arg(0, "PPO: for the first N rollout steps only the critic trains (policy fixed).")
 
 
 @dataclass
@@ -146,8 +149,21 @@ class CheckpointConfig:
     ref_load: str | None = arg(None, "Reference model folder (default --hf-checkpoint).")
     load: str | None = arg(None, "Resume from this checkpoint dir.")
     save: str | None = arg(None, "Save checkpoints here.")
-    save_interval: int | None = arg(None, "Save every N rollout steps.")
-    save_hf: str | None = arg(None, "Export an HF folder here at each save.")
+    save_interval: int | None = arg(None, "Save every N rollout steps (and after the last step).")
+    save_hf: str | None = arg(None, "Export an HF folder here at each save ('{rollout_id}' in the path is filled in).")
+
+
+@dataclass
+class FaultToleranceConfig:
+    use_fault_tolerance: bool = arg(False, "Health-check engine replicas; a restarted replica pulls the current "
+                                    "weights before it takes traffic; requests of a dead replica are retried.")
+    rollout_health_check_interval: float = arg(30.0, "Seconds between health checks of an engine replica.")
+    rollout_health_check_timeout: float = arg(30.0, "Seconds a replica's health check may take before it is "
+                                              "declared dead and replaced.")
+    rollout_request_retry_s: float = arg(300.0, "Seconds a generate request keeps being retried while its "
+                                         "replica restarts (fault tolerance).")
+    max_train_restarts: int = arg(3, "Times a dead trainer group is restarted from the last checkpoint "
+                                  "before the job stops (needs --save).")
 
 
 @dataclass
@@ -184,6 +200,7 @@ SECTIONS: dict[str, type] = {
     "algorithm": AlgorithmConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "fault_tolerance": FaultToleranceConfig,
     "sync": SyncConfig,
     "eval": EvalConfig,
     "tracking": TrackingConfig,
@@ -199,6 +216,7 @@ class Config:
     algorithm: AlgorithmConfig
     train: TrainConfig
     checkpoint: CheckpointConfig
+    fault_tolerance: FaultToleranceConfig
     sync: SyncConfig
     eval: EvalConfig
     tracking: TrackingConfig
@@ -373,11 +391,26 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
                           f"{cfg.eval.eval_prompt_data}")
     if cfg.sync.update_weights_interval < 1:
         raise ConfigError(f"--update-weights-interval must be >= 1, got {cfg.sync.update_weights_interval}")
+    _validate_checkpoint_ft(cfg)
     if cfg.cluster.offload:
         setv(cfg.cluster, "offload_train", True)
         setv(cfg.cluster, "offload_rollout", True)
     if cfg.cluster.torch_num_threads is None:
         setv(cfg.cluster, "torch_num_threads", os.cpu_count() or 1)
+
+
+def _validate_checkpoint_ft(cfg: Config) -> None:
+    """Checkpoint and fault-tolerance flags (see :func:`validate`)."""
+    c, ft = cfg.checkpoint, cfg.fault_tolerance
+    if c.save_interval is not None and c.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1, got {c.save_interval}")
+    if c.save_hf and not c.save:
+        raise ConfigError("--save-hf exports at each save: add --save DIR (and --save-interval N)")
+    if ft.use_fault_tolerance and (ft.rollout_health_check_interval <= 0 or ft.rollout_health_check_timeout <= 0):
+        raise ConfigError("--rollout-health-check-interval and --rollout-health-check-timeout must be > 0 seconds, "
+                          f"got {ft.rollout_health_check_interval} and {ft.rollout_health_check_timeout}")
+    if ft.max_train_restarts < 0:
+        raise ConfigError(f"--max-train-restarts must be >= 0, got {ft.max_train_restarts}")
 
 
 def config_to_params(ns: argparse.Namespace) -> dict[str, Any]:
