@@ -79,22 +79,53 @@ def make_data_source(args: Namespace, prompts: list[dict]) -> Any:
                              rollout_shuffle=args.rollout_shuffle, rollout_seed=args.rollout_seed)
 
 
-def start_rollout_app(args: Namespace) -> Any:
-    """Deploy the rollout Serve app (engines + router ingress); returns an EngineClient."""
+def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
+    """Deploy the rollout Serve app (engines + router ingress); returns an EngineClient.
+
+    With ``placement`` (:class:`slime_ray.placement.Placement`) engine ``i`` runs on bundle
+    ``placement.rollout_bundle_offset + i`` of the job's placement group (shared with the
+    trainer under ``--colocate``); without it Serve places the engine replicas itself.
+    """
     from ray import serve
 
     from serve_apps.rollout_app import build_rollout_app
     from slime_ray.rollout.engine_client import EngineClient
 
-    num_engines = args.rollout_num_engines or 1
+    num_engines = placement.num_rollout_bundles if placement is not None else (args.rollout_num_engines or 1)
+    placements = [placement.engine_placement(i) for i in range(num_engines)] if placement is not None else None
     serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
     app = build_rollout_app(
         args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,
         engine_kwargs={"seed": args.rollout_seed}, torch_num_threads=args.torch_num_threads,
         max_batch_size=args.rollout_max_batch_size, batch_wait_timeout_s=args.rollout_batch_wait_s,
-        num_cpus_per_engine=args.num_cpus_per_engine)
+        num_cpus_per_engine=args.num_cpus_per_engine, engine_placements=placements)
     serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)
     return EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
+
+
+def offload_rollout(args: Namespace, client: Any) -> None:
+    """Colocated with ``--offload-rollout``: engines release weights/KV before the trainer runs."""
+    if args.colocate and args.offload_rollout:
+        client.release_memory()
+
+
+def onload_rollout(args: Namespace, client: Any) -> None:
+    """Colocated with ``--offload-rollout``: engines take their memory back (before the sync)."""
+    if args.colocate and args.offload_rollout:
+        client.resume_memory()
+
+
+def shutdown(result: "JobResult") -> None:
+    """Tear a finished job down: its Serve app, trainer actors and placement group."""
+    from ray import serve
+
+    from slime_ray.placement import remove_placement
+
+    serve.delete(ROLLOUT_APP_NAME)
+    for group in (result.actor, getattr(result, "critic", None)):
+        for a in getattr(group, "actors", []) or []:
+            ray.kill(a)
+    remove_placement(getattr(result, "placement", None))
 
 
 @dataclass
@@ -105,6 +136,7 @@ class JobResult:
     actor: Any
     rollout: Any
     run_id: str | None
+    placement: Any = None
 
 
 @dataclass

@@ -86,12 +86,16 @@ class EngineClient:
             the engine's KeyError / ValueError (unknown name, shape mismatch), wrapped by Ray.
         """
         ref = self._as_ref(weights)
-        return [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
+        versions = [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
+        self.ingress.set_weight_version.remote(int(weight_version)).result()
+        return versions
 
     async def update_weights_async(self, weights: Any, weight_version: int) -> list[int]:
         """Async :meth:`update_weights` (for callers inside an event loop)."""
         ref = self._as_ref(weights)
-        return list(await asyncio.gather(*self._calls("update_weights", ref, int(weight_version))))
+        versions = list(await asyncio.gather(*self._calls("update_weights", ref, int(weight_version))))
+        await self.ingress.set_weight_version.remote(int(weight_version))
+        return versions
 
     def weight_versions(self) -> list[int]:
         """``weight_version`` of each engine, in index order."""
@@ -118,6 +122,14 @@ class EngineClient:
 
     async def abort_async(self) -> None:
         await asyncio.gather(*self._calls("abort", True))
+
+    def release_memory(self) -> None:
+        """Every engine frees accelerator memory (colocated: before the trainer runs)."""
+        [r.result() for r in self._calls("release_memory")]
+
+    def resume_memory(self) -> None:
+        """Every engine takes back what :meth:`release_memory` freed (before the weight sync)."""
+        [r.result() for r in self._calls("resume_memory")]
 
     def health(self) -> list[dict[str, Any]]:
         """Each engine's ``health()`` dict."""
