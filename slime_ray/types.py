@@ -66,6 +66,9 @@ class Sample:
         status: a :class:`SampleStatus`.
         weight_versions: weight version(s) that generated the response; several for a
             partial rollout resumed after a weight update.
+        token_weight_versions: ``list[int]`` of length ``response_length``: the weight version
+            that produced each response token (-1 for tool / observation tokens). The
+            staleness of a sample is judged by its oldest engine token.
         session_id: routing key that keeps a multi-turn session on one engine replica.
     """
 
@@ -83,6 +86,7 @@ class Sample:
     status: SampleStatus = SampleStatus.PENDING
     weight_versions: list[int] = field(default_factory=list)
     session_id: str | None = None
+    token_weight_versions: list[int] | None = None
 
     @property
     def weight_version(self) -> int | None:
@@ -135,6 +139,9 @@ class Sample:
         self.loss_mask = mask + [1 if trainable else 0] * n
         self.rollout_log_probs = lps + (list(log_probs) if trainable else [0.0] * n)
         self.response += text
+        tv = list(self.token_weight_versions or [-1] * (self.response_length - n))
+        version = weight_version if (trainable and weight_version is not None) else -1
+        self.token_weight_versions = tv + [version] * n
         if weight_version is not None and (
             not self.weight_versions or self.weight_versions[-1] != weight_version
         ):
@@ -173,6 +180,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("weight_versions", pa.list_(pa.int64())),
         ("session_id", pa.string()),
+        ("token_weight_versions", pa.list_(pa.int64())),
     ]
 )
 
@@ -200,6 +208,8 @@ def samples_to_arrow(samples: list[Sample]) -> pa.Table:
         cols["status"].append(s.status.value)
         cols["weight_versions"].append(list(s.weight_versions))
         cols["session_id"].append(s.session_id)
+        cols["token_weight_versions"].append(
+            list(s.token_weight_versions) if s.token_weight_versions is not None else [-1] * s.response_length)
     return pa.Table.from_pydict(cols, schema=ROLLOUT_SCHEMA)
 
 
@@ -223,6 +233,7 @@ def samples_from_arrow(table: pa.Table) -> list[Sample]:
                 status=SampleStatus(row["status"]),
                 weight_versions=row["weight_versions"],
                 session_id=row["session_id"],
+                token_weight_versions=row.get("token_weight_versions"),
             )
         )
     return out
