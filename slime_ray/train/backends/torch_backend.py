@@ -268,23 +268,52 @@ class TorchTrainer:
         """Write ``save_dir/iter_{rollout_id:07d}/`` (HF model, optimizer, RNG) atomically (rank 0).
 
         The folder is written under a temporary name and renamed, then
-        ``latest_checkpointed_iteration.txt`` is updated, so the newest complete checkpoint wins.
+        ``latest_checkpointed_iteration.txt`` is replaced, so the newest complete checkpoint wins.
+        ``extra`` goes to ``meta.json``; its ``"_files"`` entry (name -> bytes) is written as files
+        into the folder before the rename. With ``--save-hf`` an HF folder is exported too.
         """
+        from slime_ray.checkpoint import rng_state
+
         root = Path(save_dir)
         final = root / f"iter_{rollout_id:07d}"
         if self.rank != 0:
             return str(final)
+        extra = dict(extra or {})
+        files = extra.pop("_files", {})
         tmp = root / f".tmp_iter_{rollout_id:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "model")
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"rollout_id": rollout_id, **(extra or {})}))
+        self._save_hf_folder(tmp / "model")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng_state()},
+                   tmp / "trainer_state.pt")
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / "meta.json").write_text(json.dumps({"rollout_id": rollout_id, **extra}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        (root / "latest_checkpointed_iteration.txt").write_text(str(rollout_id))
+        (root / ".latest.tmp").write_text(str(rollout_id))
+        os.replace(root / ".latest.tmp", root / "latest_checkpointed_iteration.txt")
+        if getattr(self.args, "save_hf", None):
+            self.export_hf(self.args.save_hf.replace("{rollout_id}", str(rollout_id)))
         return str(final)
+
+    def _save_hf_folder(self, path: Path) -> None:
+        """The policy as an HF folder (safetensors + config + the tokenizer files of --hf-checkpoint)."""
+        self.model.save_pretrained(path)
+        src = Path(self.args.hf_checkpoint)
+        for f in src.glob("*"):
+            if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt", "chat_template.jinja")):
+                shutil.copy2(f, path / f.name)
+
+    def export_hf(self, out_dir: str) -> str:
+        """Write the policy to ``out_dir`` (atomically) as a folder ``AutoModelForCausalLM.from_pretrained`` loads."""
+        out = Path(out_dir)
+        tmp = out.with_name(f".tmp_{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._save_hf_folder(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return str(out)
 
     def load(self, ckpt_dir: str) -> dict[str, Any]:
         """Load a folder written by :meth:`save` (weights_only loading); returns its meta.json."""
@@ -302,5 +331,10 @@ class TorchTrainer:
         ts = torch.load(d / "trainer_state.pt", weights_only=True)
         self.optimizer.load_state_dict(ts["optimizer"])
         self.step = ts["step"]
-        torch.set_rng_state(ts["torch_rng"])
+        if "rng" in ts:
+            from slime_ray.checkpoint import set_rng_state
+
+            set_rng_state(ts["rng"])
+        else:
+            torch.set_rng_state(ts["torch_rng"])
         return json.loads((d / "meta.json").read_text())
