@@ -31,6 +31,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+class StaleWeightsError(RuntimeError):
+    """An engine was asked to serve while it holds older weights than the current version."""
+
+
 # Engines by name; a "pkg.module:Class" path also works.
 ENGINES = {"hf": "slime_ray.engines.hf:HFEngine"}
 
@@ -89,11 +93,17 @@ class EngineDeployment:
         engine_index: int = 0,
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.05,
+        placement: dict[str, Any] | None = None,
     ):
         kwargs = dict(engine_kwargs or {})
         if engine == "hf" or "seed" in kwargs:
             kwargs["seed"] = int(kwargs.get("seed", 0)) + engine_index
-        self.engine = build_engine(engine, model_path, **kwargs)
+        if placement:  # the engine runs in an actor pinned to the job's bundle (slime_ray.placement)
+            from slime_ray.engines.remote import RemoteEngine
+
+            self.engine = RemoteEngine(engine, model_path, kwargs, placement)
+        else:
+            self.engine = build_engine(engine, model_path, **kwargs)
         self.engine_index = engine_index
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -103,17 +113,35 @@ class EngineDeployment:
         """Called with ONE request dict; Serve batches concurrent calls. Returns its response."""
         return await asyncio.to_thread(self.engine.generate, requests)
 
+    async def generate_at_least(self, request: dict[str, Any], min_weight_version: int) -> dict[str, Any]:
+        """:meth:`generate`, refused unless this engine holds version >= ``min_weight_version``.
+
+        Raises:
+            StaleWeightsError: the engine (e.g. a replica that just restarted) is behind; the
+                ingress then routes the request elsewhere.
+        """
+        if self.engine.weight_version < min_weight_version:
+            raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
+                                    f"{self.engine.weight_version} < current {min_weight_version}")
+        return await self.generate(request)
+
     async def update_weights(self, weights: Any, weight_version: int) -> int:
         """Load ``weights`` (dict name -> CPU tensor, or an ObjectRef to one); returns the version.
 
-        Waits for the in-flight batch (the engine's lock), so no response mixes weights.
+        Sync protocol (slime's): pause (new batches wait; the in-flight batch finishes under
+        the engine's lock) -> load -> flush token-keyed caches -> version bump -> resume. So
+        every response comes entirely from one weight version.
         """
         if isinstance(weights, (list, tuple)) and len(weights) == 1:
             weights = weights[0]  # [ref] wrapper keeps Ray from resolving the ref in transit
         if isinstance(weights, ray.ObjectRef):
             weights = await weights
-        await asyncio.to_thread(self.engine.update_weights, weights, int(weight_version))
-        self.engine.flush_cache()
+        await asyncio.to_thread(self.engine.pause)
+        try:
+            await asyncio.to_thread(self.engine.update_weights, weights, int(weight_version))
+            await asyncio.to_thread(self.engine.flush_cache)
+        finally:
+            await asyncio.to_thread(self.engine.resume)
         return self.engine.weight_version
 
     def get_weight_version(self) -> int:
@@ -161,6 +189,7 @@ class RolloutIngress:
         if not engines:
             raise ValueError("RolloutIngress needs at least one engine")
         self.engines = list(engines)
+        self.weight_version = 0  # engines below this version get no traffic (set after each sync)
         self.outstanding = [0] * len(self.engines)
         self._rr = itertools.count()
 
@@ -184,16 +213,24 @@ class RolloutIngress:
         engine_request = {
             k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request
         }
-        i = self._pick(request)
-        self.outstanding[i] += 1
-        try:
-            response = await self.engines[i].generate.remote(engine_request)
-        finally:
-            self.outstanding[i] -= 1
-        return with_meta_info(response, i)
+        for _ in range(len(self.engines)):
+            i = self._pick(request)
+            self.outstanding[i] += 1
+            try:
+                response = await self.engines[i].generate_at_least.remote(engine_request, self.weight_version)
+                return with_meta_info(response, i)
+            except StaleWeightsError:  # a (re)joined replica without the current weights
+                continue
+            finally:
+                self.outstanding[i] -= 1
+        raise StaleWeightsError(f"no engine holds the current weight version {self.weight_version}")
 
     def num_engines(self) -> int:
         return len(self.engines)
+
+    def set_weight_version(self, weight_version: int) -> None:
+        """The version every engine must hold to be routed to (the EngineClient sets it after a sync)."""
+        self.weight_version = int(weight_version)
 
     async def weight_versions(self) -> list[int]:
         return list(await asyncio.gather(*[h.get_weight_version.remote() for h in self.engines]))
@@ -254,6 +291,7 @@ def build_rollout_app(
     num_cpus_per_engine: float = 1,
     num_gpus_per_engine: float = 0,
     torch_num_threads: int | None = None,
+    engine_placements: list[dict[str, Any]] | None = None,
 ) -> serve.Application:
     """Compose N engine deployments (``engine_0..engine_{N-1}``) and the ingress with ``.bind()``.
 
@@ -271,8 +309,8 @@ def build_rollout_app(
             num_replicas=1,
             max_ongoing_requests=max(1024, 2 * max_batch_size),
             ray_actor_options={
-                "num_cpus": num_cpus_per_engine,
-                "num_gpus": num_gpus_per_engine,
+                "num_cpus": 0 if engine_placements else num_cpus_per_engine,
+                "num_gpus": 0 if engine_placements else num_gpus_per_engine,
                 **({"runtime_env": {"env_vars": {"SLIME_RAY_TORCH_THREADS": str(torch_num_threads)}}}
                    if torch_num_threads else {}),
             },
@@ -283,6 +321,7 @@ def build_rollout_app(
             engine_index=i,
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
+            placement=engine_placements[i] if engine_placements else None,
         )
         for i in range(num_engines)
     ]
