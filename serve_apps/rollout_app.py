@@ -4,10 +4,13 @@
   replica = one inference engine): concurrent single ``generate`` calls are gathered by
   ``@serve.batch`` into one ``engine.generate(list)`` call, run in a worker thread so the
   replica keeps answering (health, abort, weight updates queue behind the engine's lock).
-- ``RolloutIngress`` (FastAPI): routes each request to the engine with the fewest
-  outstanding requests (round-robin among ties; ``session_id`` pins a session to one engine),
-  HTTP ``POST /generate`` (SGLang-shaped), ``GET /health``, ``GET /weight_version``,
-  ``POST /abort_request``, ``/pause_generation``, ``/continue_generation``, ``/flush_cache``.
+- ``RolloutIngress`` (FastAPI): routes each request to the healthy engine with the fewest
+  outstanding requests (:class:`slime_ray.rollout.router.EngineRouter`: round-robin among
+  ties, ``session_id`` keeps a session on one engine, at most ``max_concurrency`` requests in
+  flight per engine, the others wait), HTTP ``POST /generate`` (SGLang-shaped),
+  ``GET /health``, ``GET /weight_version``, ``POST /abort_request``, ``/pause_generation``,
+  ``/continue_generation``, ``/flush_cache``, and the OpenAI-compatible ``/v1/models``,
+  ``/v1/completions``, ``/v1/chat/completions`` (:mod:`serve_apps.openai_routes`).
 
 Weight sync does not go through the ingress: the trainer addresses every engine deployment
 (see :class:`slime_ray.rollout.engine_client.EngineClient`).
@@ -15,21 +18,26 @@ Weight sync does not go through the ingress: the trainer addresses every engine 
 Run alone::
 
     serve run serve_apps.rollout_app:app model_path=/path/to/hf num_engines=2
+
+or with a config file: ``serve deploy serve_apps/rollout_config.yaml``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type of the
 # route parameters (string annotations are not resolved on Serve ingress methods).
 import asyncio
 import importlib
-import itertools
-import zlib
+import os
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+
+from serve_apps.openai_routes import OpenAIRoutes, fastapi_app
+from slime_ray.rollout.router import EngineRouter
 
 class StaleWeightsError(RuntimeError):
     """An engine was asked to serve while it holds older weights than the current version."""
@@ -37,6 +45,7 @@ class StaleWeightsError(RuntimeError):
 
 # Engines by name; a "pkg.module:Class" path also works.
 ENGINES = {"hf": "slime_ray.engines.hf:HFEngine"}
+ENGINES["sglang"] = "slime_ray.engines.sglang:SGLangEngine"
 
 
 def build_engine(engine: str, model_path: str, **kwargs: Any):
@@ -173,34 +182,39 @@ class EngineDeployment:
         return {**self.engine.health(), "engine_index": self.engine_index}
 
 
-fastapi_app = FastAPI(title="slime_ray rollout")
-
-
 @serve.deployment(max_ongoing_requests=8192, ray_actor_options={"num_cpus": 0})
 @serve.ingress(fastapi_app)
-class RolloutIngress:
+class RolloutIngress(OpenAIRoutes):
     """Router over the engine deployments (HTTP and DeploymentHandle entry point).
 
     Args:
         engines: one DeploymentHandle per engine deployment, in index order.
+        model_path: HF folder of the policy (its tokenizer renders OpenAI chat prompts).
+        model_name: the model id of ``/v1/models`` (default: the folder's name).
+        max_concurrency: most requests in flight per engine; more wait (backpressure).
     """
 
-    def __init__(self, engines: list[DeploymentHandle]):
+    def __init__(self, engines: list[DeploymentHandle], model_path: str | None = None,
+                 model_name: str | None = None, max_concurrency: int = 512):
         if not engines:
             raise ValueError("RolloutIngress needs at least one engine")
         self.engines = list(engines)
         self.weight_version = 0  # engines below this version get no traffic (set after each sync)
-        self.outstanding = [0] * len(self.engines)
-        self._rr = itertools.count()
+        self.router = EngineRouter(len(self.engines), max_concurrency=max_concurrency)
+        self.model_path = model_path
+        self.model_name = model_name or os.path.basename(os.path.normpath(model_path or "policy"))
+        self._tokenizer = None
 
-    def _pick(self, request: dict[str, Any]) -> int:
-        """Engine index: hash of ``session_id`` if given, else least outstanding (RR on ties)."""
-        n = len(self.engines)
-        if request.get("session_id") is not None:
-            return zlib.crc32(str(request["session_id"]).encode()) % n
-        start = next(self._rr) % n
-        order = [(start + k) % n for k in range(n)]
-        return min(order, key=lambda i: self.outstanding[i])
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer, loaded on first use (OpenAI routes only)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if self.model_path is None:
+                raise ValueError("this rollout app was built without model_path: no tokenizer")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Route one request (see :mod:`slime_ray.engines.base`); returns the response + meta_info.
@@ -213,17 +227,25 @@ class RolloutIngress:
         engine_request = {
             k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request
         }
-        for _ in range(len(self.engines)):
-            i = self._pick(request)
-            self.outstanding[i] += 1
+        tried: set[int] = set()
+        while True:
+            i = self.router.pick(request.get("session_id"), exclude=tried)
             try:
-                response = await self.engines[i].generate_at_least.remote(engine_request, self.weight_version)
+                async with self.router.slot(i):
+                    response = await self.engines[i].generate_at_least.remote(engine_request, self.weight_version)
                 return with_meta_info(response, i)
-            except StaleWeightsError:  # a (re)joined replica without the current weights
-                continue
-            finally:
-                self.outstanding[i] -= 1
-        raise StaleWeightsError(f"no engine holds the current weight version {self.weight_version}")
+            except StaleWeightsError:
+                # A (re)joined replica that does not hold the current weights yet: skip it.
+                self.router.mark_failed(i)
+                tried.add(i)
+                if len(tried) == len(self.engines):
+                    raise
+            except (ray.exceptions.RayActorError, DeploymentUnavailableError):
+                # The replica died or is restarting: skip it for a while, try another engine.
+                self.router.mark_failed(i)
+                tried.add(i)
+                if len(tried) == len(self.engines):
+                    raise
 
     def num_engines(self) -> int:
         return len(self.engines)
@@ -231,6 +253,8 @@ class RolloutIngress:
     def set_weight_version(self, weight_version: int) -> None:
         """The version every engine must hold to be routed to (the EngineClient sets it after a sync)."""
         self.weight_version = int(weight_version)
+        for i in range(len(self.engines)):
+            self.router.mark_healthy(i)
 
     async def weight_versions(self) -> list[int]:
         return list(await asyncio.gather(*[h.get_weight_version.remote() for h in self.engines]))
@@ -248,11 +272,16 @@ class RolloutIngress:
         except ValueError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
 
+    def router_state(self) -> dict[str, Any]:
+        """Outstanding requests and health per engine, number of pinned sessions."""
+        return self.router.state()
+
     @fastapi_app.get("/health")
     async def http_health(self):
         states = await self.broadcast("health")
         ok = all(s.get("ok") for s in states)
-        return JSONResponse({"ok": ok, "engines": states}, status_code=200 if ok else 503)
+        return JSONResponse({"ok": ok, "engines": states, "router": self.router.state()},
+                            status_code=200 if ok else 503)
 
     @fastapi_app.get("/weight_version")
     async def http_weight_version(self):
@@ -291,6 +320,8 @@ def build_rollout_app(
     num_cpus_per_engine: float = 1,
     num_gpus_per_engine: float = 0,
     torch_num_threads: int | None = None,
+    max_concurrency: int = 512,
+    model_name: str | None = None,
     engine_placements: list[dict[str, Any]] | None = None,
 ) -> serve.Application:
     """Compose N engine deployments (``engine_0..engine_{N-1}``) and the ingress with ``.bind()``.
@@ -298,16 +329,23 @@ def build_rollout_app(
     Deploy with ``serve.run(app, name="rollout")``; then
     ``EngineClient.from_app("rollout")`` addresses the ingress and every engine.
 
+    ``max_concurrency``: requests in flight per engine (the ingress holds the others back);
+    ``model_name``: the id served by ``/v1/models`` (default: the folder's name).
+    ``engine_placements``: one :meth:`slime_ray.placement.Placement.engine_placement` per engine;
+    each engine then runs in an actor on its bundle of the job's placement group and the
+    replica itself reserves nothing.
+
     Raises:
-        ValueError: ``num_engines < 1`` or ``max_batch_size < 1``.
+        ValueError: ``num_engines``, ``max_batch_size`` or ``max_concurrency`` below 1.
     """
-    if num_engines < 1 or max_batch_size < 1:
-        raise ValueError(f"num_engines ({num_engines}) and max_batch_size ({max_batch_size}) must be >= 1")
+    if min(num_engines, max_batch_size, max_concurrency) < 1:
+        raise ValueError(f"num_engines ({num_engines}), max_batch_size ({max_batch_size}) and "
+                         f"max_concurrency ({max_concurrency}) must be >= 1")
     engines = [
         EngineDeployment.options(
             name=f"engine_{i}",
             num_replicas=1,
-            max_ongoing_requests=max(1024, 2 * max_batch_size),
+            max_ongoing_requests=max(1024, 2 * max_batch_size, max_concurrency),
             ray_actor_options={
                 "num_cpus": 0 if engine_placements else num_cpus_per_engine,
                 "num_gpus": 0 if engine_placements else num_gpus_per_engine,
@@ -325,7 +363,8 @@ def build_rollout_app(
         )
         for i in range(num_engines)
     ]
-    return RolloutIngress.bind(engines)
+    return RolloutIngress.bind(engines, model_path=model_path, model_name=model_name,
+                               max_concurrency=max_concurrency)
 
 
 _ENGINE_ARG_TYPES = {"dtype": str, "device": str, "seed": int}
@@ -336,6 +375,9 @@ _APP_ARG_TYPES = {
     "batch_wait_timeout_s": float,
     "num_cpus_per_engine": float,
     "num_gpus_per_engine": float,
+    "max_concurrency": int,
+    "model_name": str,
+    "torch_num_threads": int,
 }
 
 

@@ -35,7 +35,7 @@ def rollout(tmp_path_factory):
     from slime_ray.rollout.engine_client import EngineClient
 
     model_dir = str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny")))
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a running cluster
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -132,3 +132,93 @@ def test_app_builder_args(rollout):
         app_builder({})
     with pytest.raises(ValueError, match="unknown"):
         app_builder({"model_path": "x", "bogus": "1"})
+
+
+# ----------------------------------------------------------------------------- routing
+def test_session_stays_on_one_engine_and_burst_spreads(rollout):
+    client = rollout["client"]
+
+    async def run():
+        turns = []
+        for turn in range(4):  # a multi-turn session: each turn after the previous one
+            turns.append(await client.generate({**_request([5, 6, 7 + turn]), "session_id": "conv-a"}))
+        burst = await asyncio.gather(*[client.generate(_request([4, 5 + i % 7], max_new_tokens=4))
+                                       for i in range(64)])
+        return turns, burst
+
+    turns, burst = asyncio.run(run())
+    assert len({t["meta_info"]["engine_index"] for t in turns}) == 1
+    engines = [r["meta_info"]["engine_index"] for r in burst]
+    assert {0, 1} == set(engines)
+    assert min(engines.count(0), engines.count(1)) >= 16, engines  # least-loaded, not all on one
+    assert all(r["finish_reason"] in ("stop", "length") and r["weight_version"] is not None for r in burst)
+
+
+def test_concurrency_bound_waits_instead_of_failing(rollout):
+    """More requests than --rollout-max-concurrency: the extra ones wait, none fail."""
+    from ray import serve
+
+    from serve_apps.rollout_app import build_rollout_app
+    from slime_ray.rollout.engine_client import EngineClient
+
+    app = build_rollout_app(rollout["model_dir"], num_engines=1, max_batch_size=4, max_concurrency=4,
+                            batch_wait_timeout_s=0.05, num_cpus_per_engine=0.5)
+    serve.run(app, name="bounded", route_prefix="/bounded")
+    try:
+        client = EngineClient.from_app("bounded")
+
+        async def run():
+            return await asyncio.gather(*[client.generate(_request([3, 4, 5 + i], max_new_tokens=3))
+                                          for i in range(12)])
+
+        responses = asyncio.run(run())
+        assert len(responses) == 12 and all(r["completion_tokens"] > 0 for r in responses)
+        assert client.health()[0]["max_batch_size_seen"] <= 4
+    finally:
+        serve.delete("bounded")
+
+
+# ----------------------------------------------------------------------------- OpenAI routes
+def test_openai_client_chat_and_stream(rollout):
+    import openai
+
+    oa = openai.OpenAI(base_url=f"http://127.0.0.1:{rollout['port']}/v1", api_key="none", timeout=60)
+    models = oa.models.list()
+    assert len(models.data) == 1
+    model = models.data[0].id
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    chat = oa.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.8,
+                                      logprobs=True)
+    choice = chat.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens == len(choice.logprobs.content) == len(choice.model_extra["token_ids"])
+    assert all(lp.logprob <= 0 for lp in choice.logprobs.content)
+    assert chat.model_extra["prompt_token_ids"] and choice.model_extra["weight_version"] is not None
+
+    stream = oa.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True,
+                                        stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= 1
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1].choices[0]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(rollout["model_dir"])
+    assert content == tok.decode(final.model_extra["token_ids"], skip_special_tokens=True)
+
+    comp = oa.completions.create(model=model, prompt=["What is", "Compute"], max_tokens=5, n=2, logprobs=1)
+    assert len(comp.choices) == 4
+    assert all(len(c.logprobs.token_logprobs) == len(c.model_extra["token_ids"]) for c in comp.choices)
+
+
+def test_openai_http_stream_is_sse_with_done(rollout):
+    import httpx
+
+    base = f"http://127.0.0.1:{rollout['port']}"
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    bad = httpx.post(f"{base}/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]

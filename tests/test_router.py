@@ -1,0 +1,60 @@
+"""EngineRouter without Ray: least-loaded picks, session affinity, health, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from slime_ray.rollout.router import EngineRouter
+
+
+def test_least_loaded_and_round_robin_on_ties():
+    r = EngineRouter(3)
+    assert sorted(r.pick() for _ in range(3)) == [0, 1, 2]  # ties rotate
+    r.outstanding[:] = [5, 1, 3]
+    assert all(r.pick() == 1 for _ in range(5))
+
+
+def test_session_affinity_and_failover():
+    r = EngineRouter(2, unhealthy_cooldown_s=60)
+    r.outstanding[:] = [0, 9]
+    first = r.pick("s")
+    r.outstanding[:] = [9, 0]
+    assert first == 0 and r.pick("s") == 0  # pinned although engine 0 is busier now
+    r.mark_failed(0)
+    assert r.pick("s") == 1 and r.pick("s") == 1  # moved once, then pinned to the new engine
+    assert r.pick() == 1  # unhealthy engine skipped
+    r.mark_healthy(0)
+    assert r.pick("s") == 1
+
+
+def test_session_table_is_bounded():
+    r = EngineRouter(2, max_sessions=3)
+    for k in range(10):
+        r.pick(f"s{k}")
+    assert list(r.sessions) == ["s7", "s8", "s9"]
+
+
+def test_slots_apply_backpressure():
+    r = EngineRouter(1, max_concurrency=2)
+    running, peak = 0, 0
+
+    async def one():
+        nonlocal running, peak
+        async with r.slot(0):
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+    async def main():
+        await asyncio.gather(*[one() for _ in range(7)])
+
+    asyncio.run(main())
+    assert peak == 2 and r.outstanding == [0]
+
+
+def test_bad_sizes_refused():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        EngineRouter(1, max_concurrency=0)
