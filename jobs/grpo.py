@@ -34,7 +34,7 @@ from slime_ray.args import config_to_params, parse_args  # noqa: E402
 from slime_ray.placement import create_placement  # noqa: E402
 from slime_ray.rollout.manager import RolloutManager, build_train_table  # noqa: E402
 from slime_ray.tracking import Tracker, format_progress_line  # noqa: E402
-from slime_ray.train.actor_group import RayTrainGroup  # noqa: E402
+from slime_ray.train.actor_critic import create_training_models, train_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> job.JobResult:
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> job.JobResult:
                       run_name=args.run_name, params=config_to_params(args),
                       use_tensorboard=args.use_tensorboard, tensorboard_dir=args.tensorboard_dir)
     data_source = job.make_data_source(args, prompts)
-    actor = RayTrainGroup(args, create_placement(args))
+    actor, critic = create_training_models(args, create_placement(args))  # critic iff ppo
     rollout = RolloutManager(args, data_source, job.start_rollout_app(args))
     metrics: dict[str, float] = {}
     for rollout_id in range(args.num_rollout):
         t = job.StepTimer()
         groups, rollout_metrics = job.run_async(rollout.generate_rollout(rollout_id))
         table, table_metrics = build_train_table(args, groups)
-        train_metrics = t.run("train", actor.train, rollout_id, ray.put(table))
+        train_metrics = t.run("train", train_step, args, rollout_id, actor, critic, ray.put(table))
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
             t.run("save", actor.save, args.save, rollout_id, {"data_source": data_source.state_dict()})
         if (rollout_id + 1) % args.update_weights_interval == 0:

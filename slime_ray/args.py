@@ -68,6 +68,9 @@ class DataConfig:
     rollout_max_prompt_len: int | None = arg(None, "Drop prompts longer than this many tokens at load (count logged).")
     num_epoch: int | None = arg(None, "Epochs over the prompts (sets --num-rollout when that is not given).")
     data_source_path: str | None = arg(None, "Custom data source class 'file.py:Name' (slime's RolloutDataSource shape).")
+    buffer_filter_path: str | None = arg(None, "Buffer filter (args, rollout_id, buffer, num_samples) -> groups popped from the buffer (default pop_first).")
+    streaming_data: bool = arg(False, "Stream --prompt-data with Ray Data instead of loading it into memory (files larger than RAM).")
+    num_data_workers: int = arg(1, "Parallelism (read tasks) of the --streaming-data reader.")
 
 
 @dataclass
@@ -84,6 +87,9 @@ class RolloutConfig:
     rollout_engine: str = arg("hf", "Inference engine behind the Serve deployment.", choices=("hf", "sglang"))
     custom_generate_function_path: str | None = arg(None, "async def generate(args, sample, sampling_params) -> Sample | list[Sample].")
     max_turns: int = arg(1, "Max turns of a multi-turn custom generate function.")
+    over_sampling_batch_size: int | None = arg(None, "Groups requested from the data source at a time while fewer than --rollout-batch-size are kept or in flight (default --rollout-batch-size).")
+    dynamic_sampling_filter_path: str | None = arg(None, "Group filter (args, group, **kw) -> DynamicFilterOutput | bool, e.g. slime_ray.rollout.filters.check_reward_nonzero_std.")
+    partial_rollout: bool = arg(False, "Return aborted groups to the buffer and resume them in a later step from their tokens.")
     rollout_max_batch_size: int = arg(64, "Largest batch one engine forms from concurrent requests.")
     rollout_batch_wait_s: float = arg(0.05, "How long an engine waits to fill a batch, seconds.")
     deterministic_rollout: bool = arg(False, "Seed each sample's sampling with --rollout-seed + sample index: "
@@ -181,6 +187,8 @@ class EvalConfig:
     n_samples_per_eval_prompt: int = arg(1, "Samples per eval prompt.")
     eval_temperature: float | None = arg(None, "Eval temperature (default --rollout-temperature).")
     eval_max_response_len: int | None = arg(None, "Eval max new tokens (default --rollout-max-response-len).")
+    eval_top_p: float | None = arg(None, "Eval nucleus sampling threshold (default --rollout-top-p).")
+    skip_eval_before_train: bool = arg(False, "Do not evaluate at step 0, before training.")
 
 
 @dataclass
@@ -389,6 +397,9 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
     if cfg.eval.eval_prompt_data and len(cfg.eval.eval_prompt_data) % 2:
         raise ConfigError("--eval-prompt-data takes NAME PATH pairs, got an odd number of values: "
                           f"{cfg.eval.eval_prompt_data}")
+    osbs = r.over_sampling_batch_size
+    if osbs is not None and osbs < 1:
+        raise ConfigError(f"--over-sampling-batch-size must be >= 1, got {osbs}")
     if cfg.sync.update_weights_interval < 1:
         raise ConfigError(f"--update-weights-interval must be >= 1, got {cfg.sync.update_weights_interval}")
     _validate_checkpoint_ft(cfg)

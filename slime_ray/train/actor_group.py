@@ -1,7 +1,8 @@
 """The training actor group: one Ray actor per data-parallel rank, torch.distributed between them.
 
-Thin Ray shells over :class:`slime_ray.train.backends.torch_backend.TorchTrainer`; all the
-training logic lives in that plain class.
+Thin Ray shells over :class:`slime_ray.train.backends.torch_backend.TorchTrainer` (role
+``"actor"``) and :class:`slime_ray.train.backends.torch_critic.TorchCritic` (role ``"critic"``,
+PPO); all the training logic lives in those plain classes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from slime_ray.placement import Placement
 
 
 class TrainerActor:
-    """Ray actor body: owns one :class:`TorchTrainer` (built lazily in the actor process)."""
+    """Ray actor body: owns one :class:`TorchTrainer` or, for ``role="critic"``, one
+    :class:`TorchCritic` (built lazily in the actor process)."""
 
-    def __init__(self, args: Namespace, rank: int, world_size: int) -> None:
-        from slime_ray.train.backends.torch_backend import TorchTrainer
+    def __init__(self, args: Namespace, rank: int, world_size: int, role: str = "actor") -> None:
+        if role == "critic":
+            from slime_ray.train.backends.torch_critic import TorchCritic
 
-        self.trainer = TorchTrainer(args, rank, world_size)
+            self.trainer = TorchCritic(args, rank, world_size)
+        else:
+            from slime_ray.train.backends.torch_backend import TorchTrainer
+
+            self.trainer = TorchTrainer(args, rank, world_size)
 
     def free_port(self) -> tuple[str, int]:
         """An address and a free TCP port on this actor's node (for rank 0's rendezvous)."""
@@ -34,8 +41,17 @@ class TrainerActor:
     def init_distributed(self, addr: str, port: int) -> None:
         self.trainer.init_distributed(addr, port)
 
-    def train(self, rollout_id: int, table: Any) -> dict[str, float]:
-        return self.trainer.train(rollout_id, table)
+    def train(self, rollout_id: int, table: Any, *tensors: Any) -> dict[str, float]:
+        """Actor: ``train(rollout_id, table[, values])``; critic: ``train(rollout_id, table, old_values, returns)``."""
+        return self.trainer.train(rollout_id, table, *tensors)
+
+    def compute_values(self, table: Any) -> Any:
+        """Critic only: [B, L] values of every response token."""
+        return self.trainer.compute_values(table)
+
+    def compute_advantages(self, rollout_id: int, table: Any, values: Any = None) -> Any:
+        """Actor only: advantages for the next ``train``; returns the [B, L] returns (or None)."""
+        return self.trainer.compute_advantages(rollout_id, table, values)["returns"]
 
     def put_weights(self) -> list[ray.ObjectRef]:
         """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it)."""
@@ -57,13 +73,17 @@ class RayTrainGroup:
     Args:
         args: flat namespace of :func:`slime_ray.args.parse_args`.
         placement: from :func:`slime_ray.placement.create_placement`.
+        role: "actor" (policy) or "critic" (PPO value model).
+        resource_fraction: share of each bundle one rank takes (in (0, 1]); the actor and the
+            critic groups share the same bundles with 0.5 each (slime: both on the actor GPUs).
     """
 
-    def __init__(self, args: Namespace, placement: Placement) -> None:
+    def __init__(self, args: Namespace, placement: Placement, role: str = "actor",
+                 resource_fraction: float = 1.0) -> None:
         self.world_size = placement.num_actor_bundles
-        opts: dict[str, Any] = {"num_cpus": 1 if placement.use_gpu else args.num_cpus_per_actor}
-        if placement.use_gpu:
-            opts["num_gpus"] = 1
+        base = getattr(placement, "actor_options", None) or (
+            {"num_cpus": 1, "num_gpus": 1} if placement.use_gpu else {"num_cpus": args.num_cpus_per_actor})
+        opts: dict[str, Any] = {k: v * resource_fraction for k, v in base.items()}
         remote_cls = ray.remote(**opts)(TrainerActor)
         self.actors = [
             remote_cls.options(
@@ -71,15 +91,38 @@ class RayTrainGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=placement.pg,
                     placement_group_bundle_index=placement.actor_bundle_offset + rank),
-            ).remote(args, rank, self.world_size)
+            ).remote(args, rank, self.world_size, role)
             for rank in range(self.world_size)
         ]
         addr, port = ray.get(self.actors[0].free_port.remote())
         ray.get([a.init_distributed.remote(addr, port) for a in self.actors])
 
-    def train(self, rollout_id: int, table_ref: ray.ObjectRef) -> dict[str, float]:
-        """Train every rank on the rollout in ``table_ref``; returns rank 0's metrics."""
-        return ray.get([a.train.remote(rollout_id, table_ref) for a in self.actors])[0]
+    def train(self, rollout_id: int, table_ref: ray.ObjectRef, *tensor_refs: ray.ObjectRef) -> dict[str, float]:
+        """Train every rank on the rollout in ``table_ref``; returns rank 0's metrics.
+
+        ``tensor_refs``: actor: ``[values]`` (optional); critic: ``old_values, returns``.
+        """
+        return ray.get(self.async_train(rollout_id, table_ref, *tensor_refs))[0]
+
+    def async_train(self, rollout_id: int, table_ref: ray.ObjectRef, *tensor_refs: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Start :meth:`train` on every rank; returns one metrics ref per rank."""
+        return [a.train.remote(rollout_id, table_ref, *tensor_refs) for a in self.actors]
+
+    def compute_values(self, table_ref: ray.ObjectRef) -> ray.ObjectRef:
+        """Critic: a ref to the [B, L] values of the rollout (rank 0's; all ranks agree)."""
+        return self._rank0_ref([a.compute_values.remote(table_ref) for a in self.actors])
+
+    def compute_advantages(self, rollout_id: int, table_ref: ray.ObjectRef,
+                           values_ref: ray.ObjectRef | None = None) -> ray.ObjectRef:
+        """Actor: advantages for the next :meth:`train`; a ref to the [B, L] returns (or None)."""
+        return self._rank0_ref([a.compute_advantages.remote(rollout_id, table_ref, values_ref)
+                                for a in self.actors])
+
+    @staticmethod
+    def _rank0_ref(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
+        ray.get(refs[1:])  # surface errors of every rank (their collectives pair with rank 0's)
+        ray.wait(refs[:1])
+        return refs[0]
 
     def weights_ref(self) -> ray.ObjectRef:
         """An object-store reference to rank 0's weights (HF names -> CPU tensors)."""
