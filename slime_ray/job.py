@@ -56,6 +56,10 @@ def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
 
     args.hf_checkpoint = resolve_hf_checkpoint(args.hf_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+    if getattr(args, "streaming_data", False):  # read as a Ray Data stream by make_data_source
+        if args.num_rollout is None:
+            raise ValueError("--streaming-data does not count the prompts up front: pass --num-rollout")
+        return tokenizer, []
     prompts = load_prompt_data(
         args.prompt_data, input_key=args.input_key, label_key=args.label_key,
         metadata_key=args.metadata_key, tool_key=None, apply_chat_template=args.apply_chat_template,
@@ -67,16 +71,33 @@ def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
 
 
 def make_data_source(args: Namespace, prompts: list[dict]) -> Any:
-    """slime's RolloutDataSource over the loaded prompts, or the user's ``--data-source-path`` class."""
-    from slime_ray.data.dataset import RolloutDataSource
+    """The data source of the job.
+
+    ``--data-source-path``: the user's class, built as ``cls(args)`` (or ``cls()`` when its
+    constructor takes no arguments, as in slime's docs). ``--streaming-data``: a Ray Data stream
+    (:class:`~slime_ray.data.streaming.StreamingRolloutDataSource`). Otherwise slime's
+    RolloutDataSource over the loaded prompts, with a buffer (``RolloutDataSourceWithBuffer``)
+    when ``--partial-rollout`` or ``--buffer-filter-path`` needs one.
+    """
+    import inspect
+
+    from slime_ray.data.dataset import RolloutDataSource, RolloutDataSourceWithBuffer
 
     if args.data_source_path:
         from slime_ray.plugins import load_function
 
         cls = load_function(args.data_source_path, flag="--data-source-path")
-        return cls(args)
-    return RolloutDataSource(prompts=prompts, n_samples_per_prompt=args.n_samples_per_prompt,
-                             rollout_shuffle=args.rollout_shuffle, rollout_seed=args.rollout_seed)
+        takes_args = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                         for p in inspect.signature(cls).parameters.values())
+        return cls(args) if takes_args else cls()
+    if getattr(args, "streaming_data", False):
+        from slime_ray.data.streaming import StreamingRolloutDataSource
+
+        return StreamingRolloutDataSource(args)
+    buffered = getattr(args, "partial_rollout", False) or getattr(args, "buffer_filter_path", None)
+    cls = RolloutDataSourceWithBuffer if buffered else RolloutDataSource
+    return cls(args, prompts=prompts, n_samples_per_prompt=args.n_samples_per_prompt,
+               rollout_shuffle=args.rollout_shuffle, rollout_seed=args.rollout_seed)
 
 
 def start_rollout_app(args: Namespace, placement: Any = None) -> Any:

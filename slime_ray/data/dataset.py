@@ -533,3 +533,24 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.buffer = [[Sample.from_dict(d) for d in g] for g in state.get("buffer", [])]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The cursor as JSON at ``path``, the buffer as Arrow (parquet) next to it.
+
+        See :func:`slime_ray.data.buffer.buffer_path` for the buffer's file name.
+        """
+        from slime_ray.data.buffer import buffer_path, save_buffer
+
+        save_buffer(self.buffer, buffer_path(path))
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(RolloutDataSource.state_dict(self)))
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore the cursor and the parquet buffer written by :meth:`save`."""
+        from slime_ray.data.buffer import buffer_path, load_buffer
+
+        super().load(path)
+        if buffer_path(path).exists():
+            self.buffer = load_buffer(buffer_path(path))

@@ -3,12 +3,14 @@
 A plain class driven by the job's driver. It talks to the engines only through an
 :class:`~slime_ray.rollout.engine_client.EngineClient` (Serve DeploymentHandles), so it never
 asks which engine it has. User hooks keep slime's signatures:
-``--custom-generate-function-path``: ``async def generate(args, sample, sampling_params) -> Sample``.
+``--custom-generate-function-path``: ``async def generate(args, sample, sampling_params) -> Sample``
+(or the batch form ``async def custom_generate(args, samples, evaluation=False)``, see
+:mod:`slime_ray.rollout.custom_generate`). Generate functions reach the engines with
+:func:`get_engine_client` or :func:`slime_ray.rollout.multi_turn.engine_generate`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from argparse import Namespace
@@ -18,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from slime_ray.engines.base import default_sampling_params
-from slime_ray.rollout.rewards import compute_rewards, reward_value
+from slime_ray.rollout.rewards import reward_value
 from slime_ray.train import algorithms as algo
 from slime_ray.types import Sample, SampleStatus, samples_to_arrow
 
@@ -38,13 +40,14 @@ def get_engine_client() -> Any:
 
 def sampling_params_from_args(args: Namespace, evaluation: bool = False) -> dict[str, Any]:
     """SGLang-style sampling params from the ``--rollout-*`` (or ``--eval-*``) flags."""
-    temp = args.rollout_temperature
+    temp, top_p = args.rollout_temperature, args.rollout_top_p
     max_new = args.rollout_max_response_len
     if evaluation:
         temp = args.eval_temperature if args.eval_temperature is not None else temp
         max_new = args.eval_max_response_len or max_new
+        top_p = getattr(args, "eval_top_p", None) or top_p
     return default_sampling_params(
-        temperature=temp, top_p=args.rollout_top_p, top_k=args.rollout_top_k, max_new_tokens=max_new,
+        temperature=temp, top_p=top_p, top_k=args.rollout_top_k, max_new_tokens=max_new,
         stop=args.rollout_stop, stop_token_ids=args.rollout_stop_token_ids)
 
 
@@ -54,14 +57,19 @@ async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, A
     Fills ``tokens`` (prompt + response ids as the engine returned them), ``response``,
     ``response_length``, ``rollout_log_probs``, ``loss_mask`` (all ones: the engine stops
     after the first EOS, which is trained on), ``status`` and ``weight_versions``.
+    A sample holding part of a response (an aborted partial rollout taken back from the buffer)
+    resumes from its stored tokens with ``max_new_tokens`` reduced by what it already has.
     """
-    client = get_engine_client()
-    out = await client.generate({"input_ids": list(sample.tokens), "sampling_params": dict(sampling_params),
-                                 "return_logprob": True})
-    ids = list(out["output_ids"])
-    sample.append_response_tokens(ids, list(out["output_log_probs"]), trainable=True,
-                                  weight_version=out["weight_version"], text=out["text"])
-    sample.status = SampleStatus.from_finish_reason(out["finish_reason"])
+    from slime_ray.rollout.multi_turn import append_engine_output, engine_generate
+
+    params = dict(sampling_params)
+    if sample.response_length:
+        params["max_new_tokens"] = int(params.get("max_new_tokens") or 0) - sample.response_length
+        if params["max_new_tokens"] <= 0:
+            sample.status = SampleStatus.TRUNCATED
+            return sample
+    out = await engine_generate(args, sample.tokens, params, session_id=sample.session_id)
+    append_engine_output(sample, out)
     return sample
 
 
@@ -77,34 +85,32 @@ class RolloutManager:
 
     def __init__(self, args: Namespace, data_source: Any, client: Any, generate_fn: GenerateFn | None = None):
         global _CLIENT
-        self.args, self.data_source, self.client = args, data_source, client
-        self.generate_fn = generate_fn or generate
-        _CLIENT = client
+        from slime_ray.rollout.custom_generate import load_group_generate, make_group_generate
+        from slime_ray.rollout.rollout_loop import RolloutLoop
 
-    async def _generate_group(self, group: list[Sample], params: dict) -> list[Sample]:
-        results = await asyncio.gather(*(self.generate_fn(self.args, s, dict(params)) for s in group))
-        out: list[Sample] = []
-        for r in results:
-            out.extend(r if isinstance(r, list) else [r])
-        return out
+        self.args, self.data_source, self.client = args, data_source, client
+        self.group_generate = make_group_generate(generate_fn) if generate_fn else load_group_generate(args)
+        self.loop = RolloutLoop(args, data_source, client, self.group_generate)
+        _CLIENT = client
 
     async def generate_rollout(self, rollout_id: int) -> tuple[list[list[Sample]], dict[str, float]]:
         """Generate and score one rollout step.
 
+        Over-sampling, dynamic filtering, abort and partial rollout happen in
+        :class:`~slime_ray.rollout.rollout_loop.RolloutLoop`; groups go back to the data source
+        (``add_samples``) only when ``--partial-rollout`` returns unfinished work (slime).
+
         Returns:
             (groups, metrics): ``rollout_batch_size`` groups of scored Samples, and
             ``rollout/*`` / ``perf/*`` metrics (reward mean, accuracy, response lengths,
-            truncated ratio, rollout time in seconds, response tokens per second).
+            truncated ratio, rollout time in seconds, response tokens per second, and the
+            loop's kept / dropped / aborted / resumed counters).
         """
         t0 = time.perf_counter()
-        groups = self.data_source.get_samples(self.args.rollout_batch_size)
-        params = sampling_params_from_args(self.args)
-        groups = list(await asyncio.gather(*(self._generate_group(g, params) for g in groups)))
+        groups, stats = await self.loop.generate(rollout_id, sampling_params_from_args(self.args))
         flat = [s for g in groups for s in g]
-        n_failed = (await compute_rewards(self.args, flat)).num_failed
         elapsed = time.perf_counter() - t0
-        self.data_source.add_samples(groups)
-        return groups, rollout_metrics(self.args, flat, elapsed, n_failed)
+        return groups, {**rollout_metrics(self.args, flat, elapsed, stats.failed_samples), **stats.metrics()}
 
 
 def _train_value(args: Namespace, sample: Sample) -> float:
