@@ -106,7 +106,7 @@ class EngineDeployment:
     ):
         kwargs = dict(engine_kwargs or {})
         if engine == "hf" or "seed" in kwargs:
-            kwargs["seed"] = int(kwargs.get("seed", 0)) + engine_index
+            kwargs["seed"] = int(kwargs.get("seed") or 0) + engine_index
         if placement:  # the engine runs in an actor pinned to the job's bundle (slime_ray.placement)
             from slime_ray.engines.remote import RemoteEngine
 

@@ -92,6 +92,8 @@ class RolloutConfig:
     partial_rollout: bool = arg(False, "Return aborted groups to the buffer and resume them in a later step from their tokens.")
     rollout_max_batch_size: int = arg(64, "Largest batch one engine forms from concurrent requests.")
     rollout_batch_wait_s: float = arg(0.05, "How long an engine waits to fill a batch, seconds.")
+    rollout_max_concurrency: int = arg(512, "Requests in flight per engine (slime's --sglang-server-concurrency); "
+                                       "more wait in the ingress (backpressure).")
     deterministic_rollout: bool = arg(False, "Seed each sample's sampling with --rollout-seed + sample index: "
                                       "rollouts repeat exactly (also across resume); hf engine runs such requests unbatched.")
 

@@ -105,21 +105,36 @@ def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
 
     With ``placement`` (:class:`slime_ray.placement.Placement`) engine ``i`` runs on bundle
     ``placement.rollout_bundle_offset + i`` of the job's placement group (shared with the
-    trainer under ``--colocate``); without it Serve places the engine replicas itself.
+    trainer under ``--colocate``); without it Serve places the engine replicas itself, as many
+    as :func:`slime_ray.placement.engines_for` derives from ``--rollout-num-gpus`` /
+    ``--rollout-num-gpus-per-engine`` (GPUs) or ``--rollout-num-engines`` (CPU).
+
+    Raises:
+        ConfigError: ``--rollout-engine sglang`` where SGLang is not installed.
     """
     from ray import serve
 
     from serve_apps.rollout_app import build_rollout_app
+    from slime_ray.engines.sglang import check_engine_choice, sglang_engine_kwargs
+    from slime_ray.placement import cluster_has_gpus, engines_for
     from slime_ray.rollout.engine_client import EngineClient
 
-    num_engines = placement.num_rollout_bundles if placement is not None else (args.rollout_num_engines or 1)
+    check_engine_choice(args)
+    use_gpu = placement.use_gpu if placement is not None else cluster_has_gpus()
+    num_engines = placement.num_rollout_bundles if placement is not None else engines_for(args, use_gpu)
     placements = [placement.engine_placement(i) for i in range(num_engines)] if placement is not None else None
+    if args.rollout_engine == "sglang":
+        engine_kwargs = {**sglang_engine_kwargs(args), "max_concurrency": args.rollout_max_concurrency}
+    else:
+        engine_kwargs = {"seed": args.rollout_seed, **({"device": "cuda"} if use_gpu else {})}
     serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
     app = build_rollout_app(
         args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,
-        engine_kwargs={"seed": args.rollout_seed}, torch_num_threads=args.torch_num_threads,
+        engine_kwargs=engine_kwargs, torch_num_threads=args.torch_num_threads,
         max_batch_size=args.rollout_max_batch_size, batch_wait_timeout_s=args.rollout_batch_wait_s,
-        num_cpus_per_engine=args.num_cpus_per_engine, engine_placements=placements)
+        num_cpus_per_engine=args.num_cpus_per_engine, engine_placements=placements,
+        num_gpus_per_engine=args.rollout_num_gpus_per_engine if use_gpu and placement is None else 0,
+        max_concurrency=args.rollout_max_concurrency)
     serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)
     return EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
 

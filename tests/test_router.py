@@ -58,3 +58,15 @@ def test_slots_apply_backpressure():
 def test_bad_sizes_refused():
     with pytest.raises(ValueError, match="max_concurrency"):
         EngineRouter(1, max_concurrency=0)
+
+
+def test_start_rollout_app_refuses_missing_sglang_before_serve(monkeypatch):
+    from slime_ray import job
+    from slime_ray.args import ConfigError, parse_args
+    from slime_ray.engines import sglang
+
+    monkeypatch.setattr(sglang, "sglang_available", lambda: False)
+    _, args = parse_args(["--prompt-data", "p.jsonl", "--hf-checkpoint", "m", "--rollout-engine", "sglang"])
+    assert args.rollout_max_concurrency == 512
+    with pytest.raises(ConfigError, match="slime_ray\\[sglang\\]"):
+        job.start_rollout_app(args)  # refused before Ray or Serve is touched
