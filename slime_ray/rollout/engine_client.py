@@ -15,6 +15,8 @@ use the ``*_async`` variants there.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import ray
@@ -23,6 +25,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 INGRESS_NAME = "RolloutIngress"
+
+logger = logging.getLogger(__name__)
+
+
+def _is_replica_failure(err: BaseException) -> bool:
+    """A replica died / restarts (retry the request), as opposed to a bad request (do not)."""
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        DeploymentUnavailableError)):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(err, ray.exceptions.RayTaskError) and cause is not None and _is_replica_failure(cause)
 
 
 class EngineClient:
@@ -36,6 +51,9 @@ class EngineClient:
     def __init__(self, ingress: DeploymentHandle, engines: list[DeploymentHandle]):
         self.ingress = ingress
         self.engines = list(engines)
+        self.retry_s = 0.0  # seconds a request is retried while its replica restarts (fault tolerance)
+        self.weight_store: Any = None  # fault.WeightStore: gets every weight push first
+        self.num_retries = 0
 
     @classmethod
     def from_app(cls, app_name: str = "rollout", num_engines: int | None = None) -> "EngineClient":
@@ -61,8 +79,21 @@ class EngineClient:
         return len(self.engines)
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request through the ingress; the engine response dict plus ``meta_info``."""
-        return await self.ingress.generate.remote(request)
+        """One request through the ingress; the engine response dict plus ``meta_info``.
+
+        A request whose replica dies is sent again (every 0.5 s, for up to ``retry_s`` seconds)
+        until a live replica, or the restarted one, answers; other errors are raised as they are.
+        """
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return await self.ingress.generate.remote(request)
+            except Exception as err:  # noqa: BLE001 - filtered below
+                if not _is_replica_failure(err) or time.monotonic() > deadline:
+                    raise
+                self.num_retries += 1
+                logger.warning("generate: engine replica unavailable (%s); retrying", type(err).__name__)
+                await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ weight sync
     def _calls(self, method: str, *args: Any) -> list:
