@@ -22,6 +22,7 @@ No ``from __future__ import annotations``: FastAPI must see the real ``Request``
 """
 
 import asyncio
+import os
 import threading
 from typing import Any
 
@@ -164,7 +165,7 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     if unknown:
         raise ValueError(f"reward model app: unknown arguments {sorted(unknown)}")
     kwargs = {k: {**_ARG_TYPES, **resources}[k](v) for k, v in args.items() if k != "model_path"}
-    return build_reward_model_app(args["model_path"], **kwargs)
+    return build_reward_model_app(os.path.expanduser(args["model_path"]), **kwargs)
 
 
 app = app_builder

@@ -398,7 +398,7 @@ def app_builder(args: dict[str, str]) -> serve.Application:
         raise ValueError(f"rollout app: unknown arguments {sorted(unknown)}")
     engine_kwargs = {k: _ENGINE_ARG_TYPES[k](v) for k, v in args.items() if k in _ENGINE_ARG_TYPES}
     app_kwargs = {k: _APP_ARG_TYPES[k](v) for k, v in args.items() if k in _APP_ARG_TYPES}
-    return build_rollout_app(args["model_path"], engine_kwargs=engine_kwargs, **app_kwargs)
+    return build_rollout_app(os.path.expanduser(args["model_path"]), engine_kwargs=engine_kwargs, **app_kwargs)
 
 
 app = app_builder

@@ -70,3 +70,18 @@ def test_start_rollout_app_refuses_missing_sglang_before_serve(monkeypatch):
     assert args.rollout_max_concurrency == 512
     with pytest.raises(ConfigError, match="slime_ray\\[sglang\\]"):
         job.start_rollout_app(args)  # refused before Ray or Serve is touched
+
+
+def test_serve_config_yaml_is_valid_and_builds():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_apps.rollout_app import app_builder
+
+    path = Path(__file__).resolve().parents[1] / "serve_apps" / "rollout_config.yaml"
+    config = ServeDeploySchema.parse_obj(yaml.safe_load(path.read_text()))
+    (rollout,) = [a for a in config.applications if a.name == "rollout"]
+    assert rollout.import_path == "serve_apps.rollout_app:app"
+    assert app_builder(rollout.args) is not None  # every key is one the builder knows
