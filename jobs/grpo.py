@@ -32,6 +32,7 @@ import ray  # noqa: E402
 from slime_ray import job  # noqa: E402
 from slime_ray.args import config_to_params, parse_args  # noqa: E402
 from slime_ray.placement import create_placement  # noqa: E402
+from slime_ray.rollout.eval import Evaluator  # noqa: E402
 from slime_ray.rollout.manager import RolloutManager, build_train_table  # noqa: E402
 from slime_ray.tracking import Tracker, format_progress_line  # noqa: E402
 from slime_ray.train.actor_critic import create_training_models, train_step  # noqa: E402
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
     job.setup_logging()
     cfg, args = parse_args(argv)                                    # bad flags stop here
     _, prompts = job.prepare_inputs(args)                           # bad model / data stop here
+    evaluator = Evaluator.from_args(args)                           # None without --eval-prompt-data
     job.init_ray(args)
     tracker = Tracker(tracking_uri=args.mlflow_tracking_uri, experiment_name=args.mlflow_experiment_name,
                       run_name=args.run_name, params=config_to_params(args),
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> job.JobResult:
     actor, critic = create_training_models(args, create_placement(args))  # critic iff ppo
     rollout = RolloutManager(args, data_source, job.start_rollout_app(args))
     metrics: dict[str, float] = {}
+    if evaluator and not args.skip_eval_before_train:
+        tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=0)
     for rollout_id in range(args.num_rollout):
         t = job.StepTimer()
         groups, rollout_metrics = job.run_async(rollout.generate_rollout(rollout_id))
@@ -59,9 +63,11 @@ def main(argv: list[str] | None = None) -> job.JobResult:
         if (rollout_id + 1) % args.update_weights_interval == 0:
             t.run("sync", rollout.client.update_weights, actor.weights_ref(), rollout_id + 1)
         metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times,
-                   "rollout/weight_version": float(max(s.weight_version for g in groups for s in g))}
+                   "rollout/weight_version": float(max(s.weight_version or 0 for g in groups for s in g))}
         tracker.log_metrics(metrics, step=rollout_id)
         print(format_progress_line(rollout_id, metrics), flush=True)
+        if evaluator and evaluator.due(rollout_id):
+            tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=rollout_id + 1)
     tracker.finish()
     return job.JobResult(metrics=metrics, actor=actor, rollout=rollout, run_id=tracker.run_id)
 
