@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> job.JobResult:
                       run_name=args.run_name, params=config_to_params(args),
                       use_tensorboard=args.use_tensorboard, tensorboard_dir=args.tensorboard_dir)
     data_source = job.make_data_source(args, prompts)
-    actor, critic = create_training_models(args, create_placement(args))  # critic iff ppo
-    rollout = RolloutManager(args, data_source, job.start_rollout_app(args))
+    placement = create_placement(args)
+    actor, critic = create_training_models(args, placement)         # critic iff ppo
+    rollout = RolloutManager(args, data_source, job.start_rollout_app(args, placement))
     metrics: dict[str, float] = {}
     if evaluator and not args.skip_eval_before_train:
         tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=0)
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> job.JobResult:
         t = job.StepTimer()
         groups, rollout_metrics = job.run_async(rollout.generate_rollout(rollout_id))
         table, table_metrics = build_train_table(args, groups)
+        job.offload_rollout(args, rollout.client)                    # colocated: engines free their memory
         train_metrics = t.run("train", train_step, args, rollout_id, actor, critic, ray.put(table))
+        job.onload_rollout(args, rollout.client)
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
             t.run("save", actor.save, args.save, rollout_id, {"data_source": data_source.state_dict()})
         if (rollout_id + 1) % args.update_weights_interval == 0:
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
         if evaluator and evaluator.due(rollout_id):
             tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=rollout_id + 1)
     tracker.finish()
-    return job.JobResult(metrics=metrics, actor=actor, rollout=rollout, run_id=tracker.run_id)
+    return job.JobResult(metrics=metrics, actor=actor, rollout=rollout, run_id=tracker.run_id, placement=placement)
 
 
 if __name__ == "__main__":

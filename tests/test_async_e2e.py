@@ -94,7 +94,7 @@ def _first_step_losses(workdir, *extra):
     from slime_ray import job
 
     result = main(_flags(workdir, "--num-rollout", "1", "--custom-generate-function-path",
-                         str(workdir / "gen.py"), *extra))
+                         str(workdir / "gen.py") + ":generate", *extra))
     try:
         return {k: _history(workdir, result.run_id, k)[0] for k in
                 ("train/loss", "train/pg_loss", "train/entropy", "rollout/reward_mean")}, result
