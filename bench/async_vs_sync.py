@@ -1,0 +1,118 @@
+"""Wall time per step of the sync loop (jobs/grpo.py) vs the overlapped loop (jobs/grpo_async.py).
+
+Both loops run the same config on a fresh local Ray cluster each (one after the other, in
+subprocesses); the time per step is measured in steady state from the MLflow timestamps of
+``train/loss`` (``(t_last - t_first) / (steps - 1)``, so start-up is excluded). Prints both, the
+ratio sync/async, and appends a section to bench/RESULTS.md (command, machine, date).
+
+CPU (tiny random model, made on the fly)::
+
+    python bench/async_vs_sync.py --steps 4
+
+2-GPU machine (one trainer GPU, one engine GPU; SmolLM2-135M-Instruct)::
+
+    python bench/async_vs_sync.py --model smollm2-135m-instruct --steps 6 \\
+        --extra "--rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64 \\
+                 --rollout-max-response-len 256"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import mlflow
+from jobs.{mod} import main
+r = main({argv!r})
+h = sorted(mlflow.tracking.MlflowClient({uri!r}).get_metric_history(r.run_id, "train/loss"), key=lambda m: m.step)
+extra = {{k: v for k, v in r.metrics.items() if k.startswith(("perf/", "rollout/staleness"))}}
+print("BENCH_RESULT " + json.dumps({{"ts": [m.timestamp for m in h], "last": extra}}))
+"""
+
+
+def machine() -> str:
+    """CPU count and, if any, GPU names."""
+    gpus = ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        gpus = ", ".join(sorted(set(out.stdout.split("\n")) - {""})) and f", GPUs: {out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{platform.node()} ({os.cpu_count()} CPUs{gpus})"
+
+
+def run_loop(mod: str, argv: list[str], uri: str) -> dict:
+    """Run one loop in a subprocess; returns ``{"ts": [ms...], "last": {...}}``.
+
+    Raises:
+        RuntimeError: the job failed (its output's tail is in the message).
+    """
+    code = CHILD.format(root=str(ROOT), mod=mod, argv=argv, uri=uri)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"{mod} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+
+
+def per_step_s(ts: list[int]) -> float:
+    """Steady-state seconds per step from ms timestamps of successive steps."""
+    if len(ts) < 2:
+        raise ValueError("need at least 2 steps to time a step")
+    return (ts[-1] - ts[0]) / 1000.0 / (len(ts) - 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="HF folder or 'smollm2-135m-instruct' (default: tiny random model)")
+    p.add_argument("--prompt-data", default=str(ROOT / "examples/math_grpo/train.jsonl"))
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--extra", default="", help="more flags for both loops (quoted)")
+    p.add_argument("--results", default=str(ROOT / "bench/RESULTS.md"))
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_async_"))
+    model = a.model
+    if model is None:
+        from slime_ray.testing import make_tiny_model_dir
+
+        model = str(make_tiny_model_dir(work / "tiny"))
+    common = ["--hf-checkpoint", model, "--prompt-data", a.prompt_data, "--input-key", "prompt",
+              "--label-key", "label", "--apply-chat-template", "--num-rollout", str(a.steps),
+              "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "16",
+              "--micro-batch-size", "4", "--rollout-max-response-len", "32", "--lr", "1e-5",
+              *shlex.split(a.extra)]
+    results = {}
+    for mod, flags in (("grpo", []), ("grpo_async", ["--async-buffer-size", "1", "--max-staleness", "1"])):
+        uri = f"sqlite:///{work}/{mod}.db"
+        r = run_loop(mod, common + flags + ["--mlflow-tracking-uri", uri], uri)
+        results[mod] = (per_step_s(r["ts"]), r["last"])
+        print(f"{mod:>10}: {results[mod][0]:.2f} s/step  (last step: " +
+              ", ".join(f"{k}={v:.3g}" for k, v in sorted(r["last"].items())) + ")", flush=True)
+    ratio = results["grpo"][0] / results["grpo_async"][0]
+    print(f"speed-up sync/async: {ratio:.2f}x")
+    cmd = "python bench/async_vs_sync.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    with open(a.results, "a") as f:
+        f.write(f"\n## async_vs_sync — {datetime.datetime.now().isoformat(timespec='seconds')}\n\n"
+                f"- command: `{cmd}`\n- machine: {machine()}\n- model: {model}\n"
+                f"- config: `{' '.join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
+                f"| sync (jobs/grpo.py) | {results['grpo'][0]:.2f} |\n"
+                f"| async (jobs/grpo_async.py) | {results['grpo_async'][0]:.2f} |\n"
+                f"| ratio sync/async | {ratio:.2f}x |\n")
+
+
+if __name__ == "__main__":
+    main()
