@@ -94,6 +94,7 @@ def main() -> None:
               "--label-key", "label", "--apply-chat-template", "--num-rollout", str(a.steps),
               "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--global-batch-size", "16",
               "--micro-batch-size", "4", "--rollout-max-response-len", "32", "--lr", "1e-5",
+              "--ray-address", os.environ.get("RAY_ADDRESS", "local"), "--torch-num-threads", "1",
               *shlex.split(a.extra)]
     results = {}
     for mod, flags in (("grpo", []), ("grpo_async", ["--async-buffer-size", "1", "--max-staleness", "1"])):
@@ -108,7 +109,7 @@ def main() -> None:
     with open(a.results, "a") as f:
         f.write(f"\n## async_vs_sync — {datetime.datetime.now().isoformat(timespec='seconds')}\n\n"
                 f"- command: `{cmd}`\n- machine: {machine()}\n- model: {model}\n"
-                f"- config: `{' '.join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
+                f"- config: `{" ".join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
                 f"| sync (jobs/grpo.py) | {results['grpo'][0]:.2f} |\n"
                 f"| async (jobs/grpo_async.py) | {results['grpo_async'][0]:.2f} |\n"
                 f"| ratio sync/async | {ratio:.2f}x |\n")
