@@ -109,7 +109,7 @@ def main() -> None:
     with open(a.results, "a") as f:
         f.write(f"\n## async_vs_sync — {datetime.datetime.now().isoformat(timespec='seconds')}\n\n"
                 f"- command: `{cmd}`\n- machine: {machine()}\n- model: {model}\n"
-                f"- config: `{" ".join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
+                f"- config: `{' '.join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
                 f"| sync (jobs/grpo.py) | {results['grpo'][0]:.2f} |\n"
                 f"| async (jobs/grpo_async.py) | {results['grpo_async'][0]:.2f} |\n"
                 f"| ratio sync/async | {ratio:.2f}x |\n")
