@@ -36,7 +36,7 @@ def init_ray(args: Namespace) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                  num_cpus=max(4, (os.cpu_count() or 2)))
 
 
@@ -64,6 +64,9 @@ def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
         args.prompt_data, input_key=args.input_key, label_key=args.label_key,
         metadata_key=args.metadata_key, tool_key=None, apply_chat_template=args.apply_chat_template,
         tokenizer=tokenizer, max_prompt_len=args.rollout_max_prompt_len, system_prompt=args.system_prompt)
+    from slime_ray.validation import check_inputs
+
+    check_inputs(args, prompts)  # plug-ins, label types, prompt + response within the context
     if args.num_rollout is None:
         epochs = args.num_epoch or 1
         args.num_rollout = max(1, len(prompts) * epochs // args.rollout_batch_size)
@@ -134,9 +137,24 @@ def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
         max_batch_size=args.rollout_max_batch_size, batch_wait_timeout_s=args.rollout_batch_wait_s,
         num_cpus_per_engine=args.num_cpus_per_engine, engine_placements=placements,
         num_gpus_per_engine=args.rollout_num_gpus_per_engine if use_gpu and placement is None else 0,
-        max_concurrency=args.rollout_max_concurrency)
+        max_concurrency=args.rollout_max_concurrency, fault_tolerance=_fault_tolerance_options(args))
     serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)
-    return EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
+    client = EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
+    if args.use_fault_tolerance:
+        from slime_ray.fault import start_weight_store
+
+        client.weight_store = start_weight_store(f"{ROLLOUT_APP_NAME}_weights")
+        client.retry_s = args.rollout_request_retry_s
+    return client
+
+
+def _fault_tolerance_options(args: Namespace) -> dict[str, Any] | None:
+    """Serve health-check options and the weight store of ``--use-fault-tolerance`` (else None)."""
+    if not args.use_fault_tolerance:
+        return None
+    return {"health_check_period_s": args.rollout_health_check_interval,
+            "health_check_timeout_s": args.rollout_health_check_timeout,
+            "weight_store": f"{ROLLOUT_APP_NAME}_weights"}
 
 
 def offload_rollout(args: Namespace, client: Any) -> None:

@@ -25,7 +25,7 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     serve.shutdown()
     ray.shutdown()
