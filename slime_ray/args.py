@@ -149,6 +149,12 @@ class TrainConfig:
     adam_eps: float = arg(1e-8, "AdamW epsilon.")
     clip_grad: float = arg(1.0, "Gradient clipping by global norm (0 = off).")
     seed: int = arg(1234, "Seed of the trainer.")
+    train_precision: str = arg("auto", "Compute precision of the torch backend: bf16 (fp32 master weights and "
+                               "optimizer) or fp32; auto = bf16 on GPU, fp32 on CPU.", choices=("auto", "bf16", "fp32"))
+    use_dynamic_batch_size: bool = arg(False, "Form micro-batches by a token budget (--max-tokens-per-gpu) and pack "
+                                       "each into one row; the loss does not depend on the split.")
+    max_tokens_per_gpu: int | None = arg(None, "Token budget of one micro-batch with --use-dynamic-batch-size.")
+    recompute_activations: bool = arg(False, "Gradient checkpointing of every decoder layer (less memory, ~1/3 more compute).")
 
 
 @dataclass
@@ -178,6 +184,9 @@ class FaultToleranceConfig:
 class SyncConfig:
     update_weights_interval: int = arg(1, "Sync weights to the engines every N rollout steps.")
     update_weight_buffer_size: int = arg(512 * 1024**2, "Bucket size of a weight transfer, bytes.")
+    update_weight_transport: str = arg("auto", "Weight transport trainer -> engines: object_store, cuda_ipc "
+                                       "(colocated GPUs), nccl (disaggregated GPUs); auto picks by placement.",
+                                       choices=("auto", "object_store", "cuda_ipc", "nccl"))
     async_buffer_size: int = arg(1, "Rollouts generated ahead of training (async loop).")
     max_staleness: int | None = arg(None, "Drop samples more than K weight versions old (async loop).")
 
@@ -236,15 +245,14 @@ class Config:
 MEGATRON_FLAGS = {
     "tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size",
     "expert-model-parallel-size", "expert-tensor-parallel-size", "sequence-parallel",
-    "recompute-activations", "recompute-granularity", "recompute-method", "recompute-num-layers",
+    "recompute-granularity", "recompute-method", "recompute-num-layers",
     "num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "group-query-attention",
     "num-query-groups", "kv-channels", "max-position-embeddings", "seq-length", "swiglu",
     "normalization", "norm-epsilon", "use-rotary-position-embeddings", "rotary-base",
     "rotary-percent", "disable-bias-linear", "add-qkv-bias", "untie-embeddings-and-output-weights",
     "vocab-size", "padded-vocab-size", "make-vocab-size-divisible-by", "position-embedding-type",
     "qk-layernorm", "num-experts", "moe-router-topk", "moe-ffn-hidden-size", "bf16", "fp16",
-    "attention-dropout", "hidden-dropout", "use-dynamic-batch-size", "max-tokens-per-gpu",
-    "optimizer", "lr-decay-style", "min-lr", "lr-warmup-iters", "attention-backend",
+    "attention-dropout", "hidden-dropout", "optimizer", "lr-decay-style", "min-lr", "lr-warmup-iters", "attention-backend",
     "rotary-scaling-factor", "use-rope-scaling", "moe-shared-expert-intermediate-size",
 }
 
@@ -402,6 +410,8 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
     osbs = r.over_sampling_batch_size
     if osbs is not None and osbs < 1:
         raise ConfigError(f"--over-sampling-batch-size must be >= 1, got {osbs}")
+    if cfg.train.use_dynamic_batch_size and not cfg.train.max_tokens_per_gpu:
+        raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (tokens per micro-batch)")
     if cfg.sync.update_weights_interval < 1:
         raise ConfigError(f"--update-weights-interval must be >= 1, got {cfg.sync.update_weights_interval}")
     _validate_checkpoint_ft(cfg)

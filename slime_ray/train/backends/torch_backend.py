@@ -8,6 +8,10 @@ global batches split into micro-batches.
 Loss normalisation is global: every micro-batch loss is divided by the token / sample count
 of the whole global batch (all micro-batches, all ranks), gradients are accumulated and
 all-reduced with SUM, so the step equals one big batch (see ``aggregate_loss``).
+
+On GPU (see :mod:`slime_ray.train.backends.torch_gpu`): fp32 master weights with bf16 compute,
+FSDP2 over NCCL when there are several ranks, packed micro-batches (``--use-dynamic-batch-size
+--max-tokens-per-gpu``, always packed on GPU), ``--recompute-activations``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from slime_ray.train import algorithms as algo
+from slime_ray.train.backends import torch_gpu as gpu
 from slime_ray.train.batch import TrainBatch, batch_from_arrow, micro_batches, step_rank_indices
 from slime_ray.train.logprobs import response_log_probs_from_model_logits
 
@@ -55,30 +60,53 @@ class TorchTrainer:
         if getattr(args, "torch_num_threads", None):
             torch.set_num_threads(int(args.torch_num_threads))
         torch.manual_seed(args.seed + rank)
-        self.model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
+        self.device = gpu.train_device(rank)
+        self.precision = gpu.resolve_precision(args, self.device)
+        self.pack = bool(getattr(args, "use_dynamic_batch_size", False)) or self.device.type == "cuda"
+        self.fsdp = False
+        self.model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device)
         self.model.train()
         self.model.config.use_cache = False
+        if self.pack:
+            gpu.use_packed_attention(self.model)
+        if getattr(args, "recompute_activations", False):
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if args.use_kl_loss or args.kl_coef != 0:
             if args.ref_load:
-                self.ref_model = AutoModelForCausalLM.from_pretrained(args.ref_load, dtype=torch.float32)
+                self.ref_model = AutoModelForCausalLM.from_pretrained(args.ref_load, dtype=torch.float32).to(self.device)
+                if self.pack:
+                    gpu.use_packed_attention(self.ref_model)
             else:
                 self.ref_model = copy.deepcopy(self.model)
             self.ref_model.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay,
-        )
+        self.optimizer = self._make_optimizer()
         self.step = 0
         self._prepared: tuple[int, dict[str, Any]] | None = None  # compute_advantages -> train
 
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        a = self.args
+        return torch.optim.AdamW(self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
+                                 eps=a.adam_eps, weight_decay=a.weight_decay,
+                                 fused=self.device.type == "cuda" or None)
+
     # ------------------------------------------------------------------ distributed
-    def init_distributed(self, master_addr: str, master_port: int, backend: str = "gloo") -> None:
-        """Join the training process group (no-op for a single rank)."""
+    def init_distributed(self, master_addr: str, master_port: int, backend: str | None = None) -> None:
+        """Join the training process group (no-op for a single rank); on GPU: NCCL + FSDP2."""
         if self.world_size == 1:
             return
+        if backend is None:
+            backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=self.rank, world_size=self.world_size)
+                                rank=self.rank, world_size=self.world_size,
+                                **({"device_id": self.device} if self.device.type == "cuda" else {}))
+        if self.device.type == "cuda":  # shard policy (and reference) over the ranks
+            gpu.apply_fsdp2(self.model, self.precision)
+            if self.ref_model is not None:
+                gpu.apply_fsdp2(self.ref_model, self.precision)
+            self.fsdp = True
+            self.optimizer = self._make_optimizer()
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -88,11 +116,43 @@ class TorchTrainer:
     # ------------------------------------------------------------------ forward
     def forward_log_probs(self, model: torch.nn.Module, mb: TrainBatch,
                           with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per response token log-probs [b, L] (and entropy [b, L], nats) at the rollout temperature."""
-        logits = model(input_ids=mb.tokens, attention_mask=mb.attention_mask).logits.float()
+        """Per response token log-probs [b, L] (and entropy [b, L], nats) at the rollout temperature.
+
+        Packed (one row, no padding) when packing is on, else the padded micro-batch; both give
+        the same numbers per sample.
+        """
+        with gpu.autocast(self.device, self.precision):
+            if self.pack:
+                packed = gpu.pack_micro_batch(mb.tokens, mb.prompt_lengths, mb.response_lengths, self.device)
+                return gpu.packed_forward_log_probs(model, packed, len(mb), self.args.rollout_temperature,
+                                                    with_entropy, entropy_grad=bool(self.args.entropy_coef))
+            logits = model(input_ids=mb.tokens, attention_mask=mb.attention_mask).logits.float()
         lp, ent = response_log_probs_from_model_logits(
             logits, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.args.rollout_temperature)
         return lp, (ent if with_entropy else None)
+
+    def _step_chunks(self, batch: TrainBatch, step: int) -> list[list[int]]:
+        """This rank's micro-batches (row lists) of optimizer step ``step``.
+
+        ``--micro-batch-size`` samples each, or with ``--use-dynamic-batch-size`` at most
+        ``--max-tokens-per-gpu`` tokens each, with the same count on every rank.
+        """
+        a = self.args
+        rows = step_rank_indices(len(batch), a.global_batch_size, step, self.rank, self.world_size)
+        if not getattr(a, "use_dynamic_batch_size", False):
+            return micro_batches(rows, a.micro_batch_size)
+        lengths = (batch.prompt_lengths + batch.response_lengths)[rows].tolist()
+        chunks = gpu.token_budget_micro_batches(rows, lengths, a.max_tokens_per_gpu)
+        if self.world_size > 1:  # equal counts on every rank
+            k = self._all_reduce_max(len(chunks))
+            if k != len(chunks):
+                chunks = gpu.token_budget_micro_batches(rows, lengths, a.max_tokens_per_gpu, k)
+        return chunks
+
+    def _all_reduce_max(self, n: int) -> int:
+        t = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     @torch.no_grad()
     def _log_probs_rows(self, model: torch.nn.Module, batch: TrainBatch, chunks: list[list[int]]) -> torch.Tensor:
@@ -136,21 +196,21 @@ class TorchTrainer:
         m = torch.zeros_like(prep["batch"].loss_mask)
         m[prep["rows"]] = 1.0
         ret = prep["returns"]
-        return {"advantages": self._all_reduce(prep["adv"] * m),
-                "returns": None if ret is None else self._all_reduce(ret * m)}
+        return {"advantages": self._all_reduce(prep["adv"] * m).cpu(),
+                "returns": None if ret is None else self._all_reduce(ret * m).cpu()}
 
     def _prepare(self, table: pa.Table, values: torch.Tensor | None) -> dict[str, Any]:
         """Batch, this rank's micro-batches, old/ref log-probs, advantages and returns."""
         a = self.args
-        batch = batch_from_arrow(table)
+        batch = gpu.batch_to(batch_from_arrow(table), self.device)
         n, gbs = len(batch), a.global_batch_size
-        chunks = [c for s in range(n // gbs) for c in micro_batches(
-            step_rank_indices(n, gbs, s, self.rank, self.world_size), a.micro_batch_size)]
+        step_chunks = [self._step_chunks(batch, s) for s in range(n // gbs)]
+        chunks = [c for sc in step_chunks for c in sc]
         my_rows = sorted(r for c in chunks for r in c)
         old_lp = batch.rollout_log_probs.clone() if a.use_rollout_logprobs else self._log_probs_rows(self.model, batch, chunks)
         ref_lp = self._log_probs_rows(self.ref_model, batch, chunks) if self.ref_model is not None else None
         if values is not None:
-            values = values[:, : batch.loss_mask.shape[1]].float()  # [B, L]
+            values = values[:, : batch.loss_mask.shape[1]].float().to(self.device)  # [B, L]
         adv, returns = algo.compute_advantages(
             a.advantage_estimator, rewards=batch.rewards, loss_mask=batch.loss_mask, log_probs=old_lp,
             ref_log_probs=ref_lp, values=values, kl_coef=a.kl_coef, kl_type=a.kl_loss_type,
@@ -158,7 +218,7 @@ class TorchTrainer:
         if a.normalize_advantages:
             adv = self._whiten(adv, batch.loss_mask, my_rows)
         return {"batch": batch, "rows": my_rows, "old_lp": old_lp, "ref_lp": ref_lp, "adv": adv,
-                "returns": returns}
+                "returns": returns, "chunks": step_chunks}
 
     def train(self, rollout_id: int, table: pa.Table, values: torch.Tensor | None = None) -> dict[str, float]:
         """Train on one rollout batch; returns metrics averaged over the global batch.
@@ -179,7 +239,8 @@ class TorchTrainer:
         steps = len(batch) // self.args.global_batch_size
         totals: dict[str, float] = {}
         for s in range(steps):
-            step_metrics = self._optimizer_step(batch, s, prep["old_lp"], prep["ref_lp"], prep["adv"])
+            step_metrics = self._optimizer_step(batch, s, prep["old_lp"], prep["ref_lp"], prep["adv"],
+                                                prep["chunks"][s])
             for k, v in step_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / steps
         self.step += 1
@@ -196,16 +257,16 @@ class TorchTrainer:
         return (adv - mean) / (var + 1e-8) ** 0.5 * mask
 
     def _optimizer_step(self, batch: TrainBatch, step: int, old_lp: torch.Tensor,
-                        ref_lp: torch.Tensor | None, adv: torch.Tensor) -> dict[str, float]:
+                        ref_lp: torch.Tensor | None, adv: torch.Tensor,
+                        chunks: list[list[int]] | None = None) -> dict[str, float]:
         a = self.args
         gbs = a.global_batch_size
         all_rows = list(range(step * gbs, (step + 1) * gbs))
         norm = dict(num_samples=gbs, num_tokens=float(batch.loss_mask[all_rows].sum().clamp(min=1)),
                     max_len=int(batch.response_lengths[all_rows].max()))
-        rows = step_rank_indices(len(batch), gbs, step, self.rank, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
-        for chunk in micro_batches(rows, a.micro_batch_size):
+        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=self.device)
+        for chunk in (chunks if chunks is not None else self._step_chunks(batch, step)):
             mb = batch.select(chunk)
             width = mb.loss_mask.shape[1]
             mask = mb.loss_mask
@@ -226,18 +287,19 @@ class TorchTrainer:
             with torch.no_grad():
                 vals = {"loss": loss, "pg_loss": agg(terms["pg_loss"]), "pg_clipfrac": agg(terms["clipped"]),
                         "ppo_kl": agg(terms["ppo_kl"]), "entropy": agg(ent),
-                        "kl_loss": agg(terms["kl"]) if terms.get("kl") is not None else torch.tensor(0.0),
+                        "kl_loss": agg(terms["kl"]) if terms.get("kl") is not None else lp.new_zeros(()),
                         "tis": agg(terms["tis"]), "tis_clipfrac": agg(terms["tis_clipped"]),
                         "train_rollout_logprob_abs_diff": agg((lp - mb.rollout_log_probs).abs())}
-                sums += torch.tensor([float(vals[k]) for k in METRIC_KEYS], dtype=torch.float64)
+                sums += torch.stack([vals[k].double() for k in METRIC_KEYS])
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            self._all_reduce(p.grad)
+            if not self.fsdp:  # FSDP2 reduce-scatters (sums) the gradients itself
+                self._all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))
         self.optimizer.step()
-        sums = self._all_reduce(sums)
+        sums = self._all_reduce(sums.cpu())
         out = dict(zip(METRIC_KEYS, sums.tolist()))
         out["grad_norm"] = float(grad_norm)
         return out
@@ -261,8 +323,11 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ weights / checkpoints
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's weights by HF name, detached CPU copies (float32)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """The policy's weights by HF name, detached CPU copies (float32).
+
+        Under FSDP this gathers the shards: a collective, every rank must call it.
+        """
+        return {k: v.detach().to("cpu", copy=True) for k, v in gpu.full_state_dict(self.model).items()}
 
     def save(self, save_dir: str, rollout_id: int, extra: dict[str, Any] | None = None) -> str:
         """Write ``save_dir/iter_{rollout_id:07d}/`` (HF model, optimizer, RNG) atomically (rank 0).
