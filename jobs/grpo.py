@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
 
-from slime_ray import job  # noqa: E402
+from slime_ray import checkpoint, job  # noqa: E402
 from slime_ray.args import config_to_params, parse_args  # noqa: E402
+from slime_ray.fault import TrainRecovery  # noqa: E402
 from slime_ray.placement import create_placement  # noqa: E402
 from slime_ray.rollout.eval import Evaluator  # noqa: E402
 from slime_ray.rollout.manager import RolloutManager, build_train_table  # noqa: E402
@@ -42,38 +43,49 @@ def main(argv: list[str] | None = None) -> job.JobResult:
     job.setup_logging()
     cfg, args = parse_args(argv)                                    # bad flags stop here
     _, prompts = job.prepare_inputs(args)                           # bad model / data stop here
+    resume = checkpoint.find_resume(args)                           # bad --load stops here
     evaluator = Evaluator.from_args(args)                           # None without --eval-prompt-data
     job.init_ray(args)
     tracker = Tracker(tracking_uri=args.mlflow_tracking_uri, experiment_name=args.mlflow_experiment_name,
                       run_name=args.run_name, params=config_to_params(args),
+                      run_id=resume and resume.meta.get("mlflow_run_id"),
                       use_tensorboard=args.use_tensorboard, tensorboard_dir=args.tensorboard_dir)
     data_source = job.make_data_source(args, prompts)
     placement = create_placement(args)
     actor, critic = create_training_models(args, placement)         # critic iff ppo
     rollout = RolloutManager(args, data_source, job.start_rollout_app(args, placement))
+    rollout_id = checkpoint.restore(resume, actor, data_source, rollout.client)  # engines get its weights
+    recovery = TrainRecovery(args, argv, placement)
     metrics: dict[str, float] = {}
-    if evaluator and not args.skip_eval_before_train:
+    if evaluator and rollout_id == 0 and not args.skip_eval_before_train:
         tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=0)
-    for rollout_id in range(args.num_rollout):
+    while rollout_id < args.num_rollout:
         t = job.StepTimer()
         groups, rollout_metrics = job.run_async(rollout.generate_rollout(rollout_id))
         table, table_metrics = build_train_table(args, groups)
-        job.offload_rollout(args, rollout.client)                    # colocated: engines free their memory
-        train_metrics = t.run("train", train_step, args, rollout_id, actor, critic, ray.put(table))
-        job.onload_rollout(args, rollout.client)
-        if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
-            t.run("save", actor.save, args.save, rollout_id, {"data_source": data_source.state_dict()})
-        if (rollout_id + 1) % args.update_weights_interval == 0:
-            t.run("sync", rollout.client.update_weights, actor.weights_ref(), rollout_id + 1)
+        try:
+            job.offload_rollout(args, rollout.client)                # colocated: engines free their memory
+            train_metrics = t.run("train", train_step, args, rollout_id, actor, critic, ray.put(table))
+            job.onload_rollout(args, rollout.client)
+            if checkpoint.should_save(args, rollout_id):
+                t.run("save", checkpoint.save, args, actor, rollout_id, data_source, rollout_id + 1, tracker.run_id)
+            if (rollout_id + 1) % args.update_weights_interval == 0:
+                t.run("sync", rollout.client.update_weights, actor.weights_ref(), rollout_id + 1)
+        except ray.exceptions.RayActorError as err:                 # a trainer rank died: last checkpoint
+            actor, rollout_id = recovery.restart(err, actor, rollout_id, data_source, rollout.client)
+            continue
         metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times,
                    "rollout/weight_version": float(max(s.weight_version or 0 for g in groups for s in g))}
         tracker.log_metrics(metrics, step=rollout_id)
         print(format_progress_line(rollout_id, metrics), flush=True)
         if evaluator and evaluator.due(rollout_id):
             tracker.log_metrics(job.run_async(evaluator.evaluate(rollout.group_generate)), step=rollout_id + 1)
+        rollout_id += 1
     tracker.finish()
     return job.JobResult(metrics=metrics, actor=actor, rollout=rollout, run_id=tracker.run_id, placement=placement)
 
 
 if __name__ == "__main__":
-    main()
+    from slime_ray.validation import run_cli
+
+    sys.exit(run_cli(main))

@@ -103,6 +103,7 @@ class EngineDeployment:
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.05,
         placement: dict[str, Any] | None = None,
+        weight_store: str | None = None,
     ):
         kwargs = dict(engine_kwargs or {})
         if engine == "hf" or "seed" in kwargs:
@@ -114,6 +115,10 @@ class EngineDeployment:
         else:
             self.engine = build_engine(engine, model_path, **kwargs)
         self.engine_index = engine_index
+        if weight_store:  # a (re)started replica takes the current weights before Serve routes to it
+            from slime_ray.fault import pull_current_weights
+
+            pull_current_weights(self.engine, weight_store)
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -180,6 +185,12 @@ class EngineDeployment:
 
     def health(self) -> dict[str, Any]:
         return {**self.engine.health(), "engine_index": self.engine_index}
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raising (or not answering in time) gets the replica replaced."""
+        state = self.engine.health()
+        if not state.get("ok", True):
+            raise RuntimeError(f"engine {self.engine_index} unhealthy: {state}")
 
 
 @serve.deployment(max_ongoing_requests=8192, ray_actor_options={"num_cpus": 0})
@@ -323,6 +334,7 @@ def build_rollout_app(
     max_concurrency: int = 512,
     model_name: str | None = None,
     engine_placements: list[dict[str, Any]] | None = None,
+    fault_tolerance: dict[str, Any] | None = None,
 ) -> serve.Application:
     """Compose N engine deployments (``engine_0..engine_{N-1}``) and the ingress with ``.bind()``.
 
@@ -334,6 +346,9 @@ def build_rollout_app(
     ``engine_placements``: one :meth:`slime_ray.placement.Placement.engine_placement` per engine;
     each engine then runs in an actor on its bundle of the job's placement group and the
     replica itself reserves nothing.
+    ``fault_tolerance``: ``{"health_check_period_s", "health_check_timeout_s", "weight_store"}``
+    (see :mod:`slime_ray.fault`): replicas are health-checked and a restarted one loads the
+    store's weights before it takes traffic.
 
     Raises:
         ValueError: ``num_engines``, ``max_batch_size`` or ``max_concurrency`` below 1.
@@ -345,6 +360,7 @@ def build_rollout_app(
         EngineDeployment.options(
             name=f"engine_{i}",
             num_replicas=1,
+            **{k: v for k, v in (fault_tolerance or {}).items() if k.startswith("health_check")},
             max_ongoing_requests=max(1024, 2 * max_batch_size, max_concurrency),
             ray_actor_options={
                 "num_cpus": 0 if engine_placements else num_cpus_per_engine,
@@ -360,6 +376,7 @@ def build_rollout_app(
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
             placement=engine_placements[i] if engine_placements else None,
+            weight_store=(fault_tolerance or {}).get("weight_store"),
         )
         for i in range(num_engines)
     ]

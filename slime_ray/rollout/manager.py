@@ -68,6 +68,8 @@ async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, A
         if params["max_new_tokens"] <= 0:
             sample.status = SampleStatus.TRUNCATED
             return sample
+    if getattr(args, "deterministic_rollout", False):  # same sample index -> same response, also after resume
+        params["seed"] = int(args.rollout_seed) * 1_000_003 + sample.index
     out = await engine_generate(args, sample.tokens, params, session_id=sample.session_id)
     append_engine_output(sample, out)
     return sample
