@@ -70,8 +70,10 @@ class TorchTrainer:
         if self.pack:
             gpu.use_packed_attention(self.model)
         if getattr(args, "recompute_activations", False):
-            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if args.use_kl_loss or args.kl_coef != 0:
             if args.ref_load:
