@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
             if checkpoint.should_save(args, rollout_id):
                 t.run("save", checkpoint.save, args, actor, rollout_id, data_source, rollout_id + 1, tracker.run_id)
             if (rollout_id + 1) % args.update_weights_interval == 0:
-                t.run("sync", rollout.client.update_weights, actor.weights_ref(), rollout_id + 1)
+                t.run("sync", actor.sync_weights, rollout.client, rollout_id + 1)
         except ray.exceptions.RayActorError as err:                 # a trainer rank died: last checkpoint
             actor, rollout_id = recovery.restart(err, actor, rollout_id, data_source, rollout.client)
             continue

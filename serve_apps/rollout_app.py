@@ -158,6 +158,19 @@ class EngineDeployment:
             await asyncio.to_thread(self.engine.resume)
         return self.engine.weight_version
 
+    async def weight_sync_call(self, method: str, *args: Any) -> Any:
+        """One step of a GPU weight transport (cuda_ipc bucket, nccl group / broadcast), see
+        :mod:`slime_ray.sync.weight_sync`; the caller pauses, flushes and resumes around it."""
+        from slime_ray.engines.remote import RemoteEngine
+        from slime_ray.sync.receiver import dispatch
+
+        if isinstance(self.engine, RemoteEngine):
+            out = await self.engine.actor.weight_sync_call.remote(method, *args)
+            if method != "init_weights_update_group":
+                self.engine.weight_version = int(args[1])
+            return out
+        return await asyncio.to_thread(dispatch, self.engine, method, *args)
+
     def get_weight_version(self) -> int:
         return self.engine.weight_version
 

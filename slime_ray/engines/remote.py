@@ -38,6 +38,15 @@ class EngineHost:
     def weight_version(self) -> int:
         return int(self.engine.weight_version)
 
+    def weight_sync_call(self, method: str, *args: Any) -> Any:
+        """One engine-side step of a GPU weight transport (:func:`slime_ray.sync.receiver.dispatch`)."""
+        from slime_ray.sync.receiver import dispatch
+
+        out = dispatch(self.engine, method, *args)
+        if method != "init_weights_update_group":
+            self.engine.weight_version = int(args[1])
+        return out
+
 
 class RemoteEngine(RolloutEngine):
     """Proxy of an engine living in an :class:`EngineHost` actor.

@@ -54,11 +54,21 @@ class TrainerActor:
         return self.trainer.compute_advantages(rollout_id, table, values)["returns"]
 
     def put_weights(self) -> list[ray.ObjectRef]:
-        """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it)."""
-        return [ray.put(self.trainer.get_weights())]
+        """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it).
+        Under FSDP every rank takes part in the gather; only rank 0 puts."""
+        weights = self.trainer.get_weights()
+        return [ray.put(weights)] if self.trainer.rank == 0 else []
 
     def get_weights(self) -> dict:
         return self.trainer.get_weights()
+
+    def weight_sync(self, method: str, *args: Any) -> Any:
+        """One trainer-side step of a GPU weight transport (:class:`slime_ray.sync.sender.WeightSender`)."""
+        if not hasattr(self, "_sender"):
+            from slime_ray.sync.sender import sender_for
+
+            self._sender = sender_for(self.trainer)
+        return getattr(self._sender, method)(*args)
 
     def save(self, save_dir: str, rollout_id: int, extra: dict | None = None) -> str:
         return self.trainer.save(save_dir, rollout_id, extra)
@@ -81,6 +91,7 @@ class RayTrainGroup:
     def __init__(self, args: Namespace, placement: Placement, role: str = "actor",
                  resource_fraction: float = 1.0) -> None:
         self.world_size = placement.num_actor_bundles
+        self.args, self.placement, self._sync_state = args, placement, None
         base = getattr(placement, "actor_options", None) or (
             {"num_cpus": 1, "num_gpus": 1} if placement.use_gpu else {"num_cpus": args.num_cpus_per_actor})
         opts: dict[str, Any] = {k: v * resource_fraction for k, v in base.items()}
@@ -126,7 +137,22 @@ class RayTrainGroup:
 
     def weights_ref(self) -> ray.ObjectRef:
         """An object-store reference to rank 0's weights (HF names -> CPU tensors)."""
+        if self.placement.use_gpu and self.world_size > 1:  # FSDP: every rank gathers
+            return ray.get([a.put_weights.remote() for a in self.actors])[0][0]
         return ray.get(self.actors[0].put_weights.remote())[0]
+
+    def sync_weights(self, client: Any, weight_version: int) -> dict[str, float]:
+        """Send the policy to every engine of ``client`` with ``--update-weight-transport``
+        (auto: object store on CPU, CUDA IPC colocated, NCCL disaggregated); see
+        :func:`slime_ray.sync.weight_sync.sync_weights`."""
+        from slime_ray.sync import choose_transport
+        from slime_ray.sync.weight_sync import SyncState, sync_weights
+
+        if self._sync_state is None:
+            self._sync_state = SyncState(choose_transport(
+                getattr(self.args, "update_weight_transport", "auto"), use_gpu=self.placement.use_gpu,
+                colocate=self.placement.colocate, num_engines=client.num_engines, world_size=self.world_size))
+        return sync_weights(self, client, weight_version, self._sync_state)
 
     def save(self, save_dir: str, rollout_id: int, extra: dict | None = None) -> str:
         return ray.get([a.save.remote(save_dir, rollout_id, extra) for a in self.actors])[0]
