@@ -253,7 +253,8 @@ class MegatronTrainer(TorchTrainer):
         from megatron.core import parallel_state as ps
 
         if not dist.is_initialized():
-            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            # CPU tensors (metrics, grad-norm pieces) travel on gloo, CUDA tensors on NCCL
+            backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
             dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                                     rank=self.global_rank, world_size=self.global_world_size)
         if not ps.model_parallel_is_initialized():
