@@ -2,7 +2,7 @@
 
 - ``EngineDeployment`` (deployments ``engine_0 .. engine_{N-1}``, one replica each; one
   replica = one inference engine): concurrent single ``generate`` calls are gathered by
-  ``@serve.batch`` into one ``engine.generate(list)`` call, run in a worker thread so the
+  :class:`~slime_ray.rollout.batcher.GapBatcher` into one ``engine.generate(list)`` call, run in a worker thread so the
   replica keeps answering (health, abort, weight updates queue behind the engine's lock).
 - ``RolloutIngress`` (FastAPI): routes each request to the healthy engine with the fewest
   outstanding requests (:class:`slime_ray.rollout.router.EngineRouter`: round-robin among
@@ -37,6 +37,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.openai_routes import OpenAIRoutes, fastapi_app
+from slime_ray.rollout.batcher import GapBatcher
 from slime_ray.rollout.router import EngineRouter
 
 class StaleWeightsError(RuntimeError):
@@ -91,7 +92,8 @@ class EngineDeployment:
             engines do not draw identical samples.
         engine_index: position of this engine (0..N-1).
         max_batch_size: most requests in one ``engine.generate`` call.
-        batch_wait_timeout_s: how long (seconds) a partial batch waits for more requests.
+        batch_wait_timeout_s: a batch closes when no request arrived for this many seconds
+            (at the latest 10x this after its first request).
     """
 
     def __init__(
@@ -119,13 +121,16 @@ class EngineDeployment:
             from slime_ray.fault import pull_current_weights
 
             pull_current_weights(self.engine, weight_store)
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # A batch stays open while requests keep arriving (gap batching, see GapBatcher).
+        self.batcher = GapBatcher(self._generate_batch, max_batch_size=max_batch_size,
+                                  gap_s=batch_wait_timeout_s, max_wait_s=10 * batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.05)
-    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Called with ONE request dict; Serve batches concurrent calls. Returns its response."""
+    async def _generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.engine.generate, requests)
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Called with ONE request dict; concurrent calls are batched. Returns its response."""
+        return await self.batcher.submit(request)
 
     async def generate_at_least(self, request: dict[str, Any], min_weight_version: int) -> dict[str, Any]:
         """:meth:`generate`, refused unless this engine holds version >= ``min_weight_version``.

@@ -85,3 +85,34 @@ def test_serve_config_yaml_is_valid_and_builds():
     (rollout,) = [a for a in config.applications if a.name == "rollout"]
     assert rollout.import_path == "serve_apps.rollout_app:app"
     assert app_builder(rollout.args) is not None  # every key is one the builder knows
+
+
+def test_gap_batcher_keeps_a_spread_burst_in_one_batch():
+    from slime_ray.rollout.batcher import GapBatcher
+
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.01)
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x * 2 for x in items]
+
+    async def main():
+        b = GapBatcher(fn, max_batch_size=8, gap_s=0.05, max_wait_s=1.0)
+
+        async def late(x, delay):
+            await asyncio.sleep(delay)
+            return await b.submit(x)
+
+        # 6 items spread over 0.12 s (longer than gap_s from the first): still one batch
+        first = await asyncio.gather(*[late(i, 0.02 * i) for i in range(6)])
+        over = await asyncio.gather(*[b.submit(i) for i in range(10)])  # 8 + 2
+        with pytest.raises(ValueError, match="bad item"):
+            await b.submit("bad")
+        return first, over
+
+    first, over = asyncio.run(main())
+    assert first == [0, 2, 4, 6, 8, 10] and over == [2 * i for i in range(10)]
+    assert [len(c) for c in calls] == [6, 8, 2, 1]

@@ -1,0 +1,82 @@
+"""GapBatcher: gathers concurrent single requests into one batched call (plain asyncio class).
+
+Why not a fixed deadline (``@serve.batch``'s ``batch_wait_timeout_s`` counted from the first
+request)? A burst of N requests reaches the engine replica spread over time (HTTP proxy ->
+ingress -> engine); on a loaded machine that spread exceeds the deadline, so the first batch
+leaves with a handful of requests, the rest waits for it, and one burst costs 2-3 full
+generate calls. Here a batch stays open while requests keep arriving: it closes when no new
+request came for ``gap_s`` seconds, after ``max_wait_s`` seconds, or at ``max_batch_size``.
+An isolated request waits ``gap_s`` (the same as a ``gap_s`` deadline). Requests that queue
+while a batch runs all go into the next one. One batch runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class GapBatcher:
+    """``await batcher.submit(item)`` -> ``fn(batch)[position of item]``.
+
+    Args:
+        fn: ``async fn(items: list) -> list`` (one result per item, in order).
+        max_batch_size: most items per ``fn`` call.
+        gap_s: a batch closes once no new item arrived for this many seconds.
+        max_wait_s: a batch closes at the latest this many seconds after its first item.
+
+    An exception raised by ``fn`` is raised to every caller of that batch.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int = 64,
+                 gap_s: float = 0.05, max_wait_s: float = 0.5):
+        if max_batch_size < 1:
+            raise ValueError(f"GapBatcher: max_batch_size must be >= 1, got {max_batch_size}")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.gap_s = gap_s
+        self.max_wait_s = max(max_wait_s, gap_s)
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
+        batch = [await self._queue.get()]
+        start = time.monotonic()
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = self.max_wait_s - (time.monotonic() - start)
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), min(self.gap_s, remaining)))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = [(item, fut) for item, fut in await self._collect() if not fut.done()]
+            if not batch:
+                continue
+            try:
+                results = await self.fn([item for item, _ in batch])
+            except Exception as err:  # noqa: BLE001 - handed to every caller of the batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
