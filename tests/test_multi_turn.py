@@ -93,7 +93,7 @@ def test_dataset_metrics_by_hand():
     g2 = [Sample(reward=0.0, response_length=2), Sample(reward=0.0, response_length=2)]
     m = dataset_metrics(args, "x", [g1, g2])
     assert m["eval/x/reward_mean"] == 0.25 and m["eval/x/truncated_ratio"] == 0.25
-    assert m["eval/x/pass@1"] == pytest.approx(0.25) and m["eval/x/pass@2"] == pytest.approx(0.5)
+    assert m["eval/x/pass_at_1"] == pytest.approx(0.25) and m["eval/x/pass_at_2"] == pytest.approx(0.5)
     assert m["eval/x/response_len/mean"] == 2.5
 
 

@@ -5,9 +5,9 @@ sampling flags (``--eval-temperature``, ``--eval-top-p``, ``--eval-max-response-
 defaults to its ``--rollout-*`` twin), through the job's generate function (called with
 ``evaluation=True`` when it accepts it) and reward. No dynamic filter, no abort.
 
-Metrics per set ``<name>`` (logged as ``eval/<name>/...``): ``reward_mean``, ``pass@1`` and
-``pass@k`` for k = 2, 4, 8, ... up to n and k = n (unbiased estimator of Chen et al. 2021,
-arXiv:2107.03374, averaged over prompts), ``truncated_ratio``, ``response_len/mean``. A sample
+Metrics per set ``<name>`` (logged as ``eval/<name>/...``): ``reward_mean``, ``pass_at_1`` and
+``pass_at_<k>`` (pass@k; MLflow keys cannot hold ``@``) for k = 2, 4, 8, ... up to n and k = n
+(unbiased estimator of Chen et al. 2021, arXiv:2107.03374, averaged over prompts), ``truncated_ratio``, ``response_len/mean``. A sample
 counts as correct when its reward is > 0 (as ``rollout/accuracy``).
 
 Schedule (slime's ``train.py``): at step 0 before training unless ``--skip-eval-before-train``,
@@ -80,7 +80,7 @@ def dataset_metrics(args: Any, name: str, groups: list[list[Sample]]) -> dict[st
         correct = [sum(1 for s in g[:n] if s.status != SampleStatus.FAILED and reward_value(args, s) > 0)
                    for g in groups]
         for k in pass_ks(n):
-            out[f"eval/{name}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(groups)
+            out[f"eval/{name}/pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(groups)
     return out
 
 
