@@ -402,7 +402,7 @@ def build_rollout_app(
                                max_concurrency=max_concurrency)
 
 
-_ENGINE_ARG_TYPES = {"dtype": str, "device": str, "seed": int}
+_ENGINE_ARG_TYPES = {"dtype": str, "device": str, "seed": int, "compile": str, "batch_buckets": str}
 _APP_ARG_TYPES = {
     "num_engines": int,
     "engine": str,

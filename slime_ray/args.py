@@ -85,6 +85,10 @@ class RolloutConfig:
     rollout_stop: list[str] | None = arg(None, "Stop strings.", nargs="+")
     rollout_stop_token_ids: list[int] | None = arg(None, "Extra stop token ids (besides the model's EOS).", nargs="+")
     rollout_engine: str = arg("hf", "Inference engine behind the Serve deployment.", choices=("hf", "sglang"))
+    rollout_compile: str = arg("auto", "hf engine: static KV cache + torch.compile of the decode step, padded to "
+                               "shape buckets (auto: on for CUDA, off on CPU).", choices=("auto", "true", "false"))
+    rollout_batch_buckets: str = arg("8,32,64,128,256", "hf engine with --rollout-compile: batch sizes calls are "
+                                     "padded to (one compile per bucket).")
     custom_generate_function_path: str | None = arg(None, "async def generate(args, sample, sampling_params) -> Sample | list[Sample].")
     max_turns: int = arg(1, "Max turns of a multi-turn custom generate function.")
     over_sampling_batch_size: int | None = arg(None, "Groups requested from the data source at a time while fewer than --rollout-batch-size are kept or in flight (default --rollout-batch-size).")

@@ -129,7 +129,9 @@ def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
     if args.rollout_engine == "sglang":
         engine_kwargs = {**sglang_engine_kwargs(args), "max_concurrency": args.rollout_max_concurrency}
     else:
-        engine_kwargs = {"seed": args.rollout_seed, **({"device": "cuda"} if use_gpu else {})}
+        engine_kwargs = {"seed": args.rollout_seed, **({"device": "cuda"} if use_gpu else {}),
+                         "compile": getattr(args, "rollout_compile", "auto"),
+                         "batch_buckets": getattr(args, "rollout_batch_buckets", None)}
     serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
     app = build_rollout_app(
         args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,

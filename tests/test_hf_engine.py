@@ -181,3 +181,29 @@ def test_pause_blocks_until_resume(engine):
     engine.resume()
     assert done.wait(30)
     t.join()
+
+
+def test_shape_buckets_give_same_greedy_outputs_and_log_probs(model_dir, engine):
+    """Padding to shape buckets (batch 8, prompt x64, new tokens x64) changes nothing (greedy)."""
+    bucketed = HFEngine(model_dir, bucket=True, batch_buckets="2,8")
+    assert bucketed.compile is False and engine.buckets is None  # CPU default: no compile, no buckets
+    reqs = [_req(engine, p, temperature=0.0, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 20, 7))]
+    ref, out = engine.generate(reqs), bucketed.generate(reqs)
+    for a, b in zip(ref, out):
+        assert a["output_ids"] == b["output_ids"] and a["finish_reason"] == b["finish_reason"]
+        assert max(abs(x - y) for x, y in zip(a["output_log_probs"], b["output_log_probs"])) < 1e-4
+    assert bucketed.buckets_seen == {(8, 64 + 64)}  # 3 rows -> batch 8; prompt <= 64; 20 new -> 64
+    many = bucketed.generate(reqs * 3)  # 9 rows: chunks of 8 + 1 (-> bucket 2)
+    assert [o["output_ids"] for o in many] == [o["output_ids"] for o in ref] * 3
+    assert bucketed.buckets_seen == {(8, 128), (2, 128)} and bucketed.health()["num_buckets_seen"] == 2
+
+
+def test_shape_bucket_arithmetic():
+    from slime_ray.engines.hf_compile import ShapeBuckets, resolve_compile
+
+    b = ShapeBuckets()
+    assert [b.batch(n) for n in (1, 8, 9, 64, 65, 256)] == [8, 8, 32, 64, 128, 256]
+    assert [len(c) for c in b.chunks(600)] == [256, 256, 88]
+    assert (b.prompt_len(1), b.prompt_len(64), b.prompt_len(65), b.new_tokens(200)) == (64, 64, 128, 256)
+    assert resolve_compile(None, torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True and resolve_compile("false", torch.device("cuda")) is False

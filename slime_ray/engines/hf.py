@@ -10,7 +10,10 @@ Implements :class:`slime_ray.engines.base.RolloutEngine` with ``model.generate``
   ``[B]`` bool tensor, so a finished row stops early while the others go on;
 - per-token log-probs from the *raw* logits (``output_logits=True``) at the sampling
   temperature, ``log_softmax(logits / T)[token]`` (T=1 for greedy), so they equal a trainer
-  forward pass on prompt + response with the logits divided by T.
+  forward pass on prompt + response with the logits divided by T;
+- on CUDA by default (``compile``): static KV cache + ``torch.compile`` of the decode step,
+  with batch / prompt length / new tokens padded to a few shape buckets so varying RL
+  batches compile once per bucket (:mod:`slime_ray.engines.hf_compile`).
 
 Text stays consistent with token ids: ``text = decode(output_ids)`` (the stop string and the
 EOS token are kept, like slime's ``no_stop_trim=True``; special tokens are skipped in text).
@@ -25,6 +28,14 @@ from typing import Any
 import torch
 
 from slime_ray.engines.base import RolloutEngine, default_sampling_params
+from slime_ray.engines.hf_compile import (
+    ShapeBuckets,
+    compile_generate_kwargs,
+    dynamo_graph_count,
+    parse_batch_buckets,
+    raise_recompile_limit,
+    resolve_compile,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +69,9 @@ class _RowStopper:
         last = input_ids[:, -1].tolist()
         done = []
         for i, row in enumerate(self.rows):
+            if row.get("padding"):  # a bucket's padding row: done from the start
+                done.append(True)
+                continue
             stop = last[i] in row["stop_ids"] or n_new >= row["max_new_tokens"]
             if not stop and row["stop"]:
                 text = self.tokenizer.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
@@ -76,11 +90,18 @@ class HFEngine(RolloutEngine):
         seed: seeds torch's RNG at start (unseeded requests draw from it afterwards).
         eos_token_ids: ids that end a response for every request; default: the model's
             ``generation_config.eos_token_id`` (or the tokenizer's eos).
+        compile: static KV cache + ``torch.compile`` of the decode step ("auto"/None: on for
+            CUDA, off on CPU).
+        bucket: pad calls to shape buckets (default: same as ``compile``).
+        batch_buckets: batch buckets, e.g. "8,32,64,128,256" (default) or a list of ints.
+        compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs).
 
     Attributes:
         weight_version: version of the loaded weights (0 = as loaded from ``model_path``).
         max_batch_size_seen: largest number of requests one :meth:`generate` call received.
         num_generate_calls: number of :meth:`generate` calls served.
+        buckets_seen: the (batch, cache length) shapes the model ran with (bucketed or not).
+        num_compilations: graphs dynamo compiled during this engine's ``generate`` calls.
     """
 
     def __init__(
@@ -91,6 +112,10 @@ class HFEngine(RolloutEngine):
         device: str = "cpu",
         seed: int = 0,
         eos_token_ids: list[int] | None = None,
+        compile: bool | str | None = None,
+        bucket: bool | None = None,
+        batch_buckets: str | list[int] | None = None,
+        compile_mode: str = "reduce-overhead",
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -115,6 +140,14 @@ class HFEngine(RolloutEngine):
         self.model.generation_config = GenerationConfig(
             eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id
         )
+        self.compile = resolve_compile(compile, self.device)
+        self.buckets = ShapeBuckets(parse_batch_buckets(batch_buckets)) if (
+            self.compile if bucket is None else bucket) else None
+        self._compile_kwargs = compile_generate_kwargs(compile_mode) if self.compile else {}
+        if self.compile:
+            raise_recompile_limit()
+        self.buckets_seen: set[tuple[int, int]] = set()
+        self.num_compilations = 0
         self.weight_version = 0
         self.max_batch_size_seen = 0
         self.num_generate_calls = 0
@@ -189,26 +222,45 @@ class HFEngine(RolloutEngine):
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    @torch.no_grad()
     def _generate_group(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows sharing temperature / top_p / top_k: one ``generate`` call (per bucket chunk)."""
+        if self.buckets is None:
+            return self._generate_chunk(rows)
+        out: list[dict[str, Any]] = []
+        for chunk in self.buckets.chunks(len(rows)):
+            out.extend(self._generate_chunk([rows[i] for i in chunk]))
+        return out
+
+    def _pad_to_bucket(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+        """(rows + padding rows, prompt length, max new tokens) of the call's shape bucket."""
+        prompt_len = max(len(r["ids"]) for r in rows)
+        max_new = max(r["max_new_tokens"] for r in rows)
+        if self.buckets is None:
+            return rows, prompt_len, max_new
+        pad_rows = [{**rows[0], "padding": True}] * (self.buckets.batch(len(rows)) - len(rows))
+        return rows + pad_rows, self.buckets.prompt_len(prompt_len), self.buckets.new_tokens(max_new)
+
+    @torch.no_grad()
+    def _generate_chunk(self, real_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One ``model.generate`` call for rows sharing temperature / top_p / top_k."""
         from transformers import StoppingCriteriaList
 
         if self._abort.is_set():
-            return [self._response(r, [], [], "abort") for r in rows]
+            return [self._response(r, [], [], "abort") for r in real_rows]
+        if max(r["max_new_tokens"] for r in real_rows) <= 0:
+            return [self._response(r, [], [], "length") for r in real_rows]
+        rows, prompt_len, max_new = self._pad_to_bucket(real_rows)
         temp, top_p, top_k, seed = rows[0]["temperature"], rows[0]["top_p"], rows[0]["top_k"], rows[0]["seed"]
         greedy = temp <= 0.0
-        prompt_len = max(len(r["ids"]) for r in rows)
         input_ids = torch.full((len(rows), prompt_len), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), prompt_len), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding
             input_ids[i, prompt_len - len(r["ids"]) :] = torch.tensor(r["ids"])
             attention_mask[i, prompt_len - len(r["ids"]) :] = 1
-        max_new = max(r["max_new_tokens"] for r in rows)
-        if max_new <= 0:
-            return [self._response(r, [], [], "length") for r in rows]
         if seed is not None:
             torch.manual_seed(int(seed))
+        self.buckets_seen.add((len(rows), prompt_len + max_new))
+        graphs_before = dynamo_graph_count()
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -224,13 +276,20 @@ class HFEngine(RolloutEngine):
             ),
             output_logits=True,
             return_dict_in_generate=True,
+            **self._compile_kwargs,
         )
-        new_ids = out.sequences[:, prompt_len:].cpu()  # [B, S]
+        self.num_compilations += dynamo_graph_count() - graphs_before
+        n = len(real_rows)
+        new_ids = out.sequences[:n, prompt_len:]  # [B, S], on the model's device
         scale = 1.0 if greedy else temp
-        logits = torch.stack(out.logits, dim=1).float().cpu() / scale  # [B, S, V]
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
+        # log_softmax(raw logits / T)[token], one step at a time on the device (a [B, S, V]
+        # float copy of all logits would not fit in host memory for large batches).
+        logp = torch.stack(
+            [torch.log_softmax(step[:n].float() / scale, dim=-1).gather(-1, new_ids[:, s, None]).squeeze(-1)
+             for s, step in enumerate(out.logits)], dim=1).cpu()  # [B, S]
+        new_ids = new_ids.cpu()
         aborted = self._abort.is_set()
-        return [self._finish(r, new_ids[i].tolist(), logp[i].tolist(), aborted) for i, r in enumerate(rows)]
+        return [self._finish(r, new_ids[i].tolist(), logp[i].tolist(), aborted) for i, r in enumerate(real_rows)]
 
     def _finish(self, row: dict[str, Any], ids: list[int], lps: list[float], aborted: bool) -> dict:
         """Cut one row's output at its first stop (token, string) or its max_new_tokens."""
@@ -342,11 +401,15 @@ class HFEngine(RolloutEngine):
                 self.model.to(self.device)
 
     def health(self) -> dict[str, Any]:
-        """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls"}``."""
+        """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls",
+        "compile", "num_buckets_seen", "num_compilations"}``."""
         return {
             "ok": True,
             "weight_version": self.weight_version,
             "paused": not self._running.is_set(),
             "max_batch_size_seen": self.max_batch_size_seen,
             "num_generate_calls": self.num_generate_calls,
+            "compile": self.compile,
+            "num_buckets_seen": len(self.buckets_seen),
+            "num_compilations": self.num_compilations,
         }

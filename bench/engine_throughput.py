@@ -1,0 +1,194 @@
+"""Embedded engine throughput: HFEngine fast path (static cache + torch.compile + shape buckets)
+vs plain HF eager ``generate`` (the same HFEngine with ``compile=False``), on one GPU.
+
+Per ``--batches`` (default 64, 256): ``--new-tokens`` (256) new tokens for each of B prompts
+(math_grpo test prompts with the chat template), EOS disabled so every row has exactly that
+many tokens, temperature 1, bf16. Reported per mode and batch: first call (compile + run) and
+steady-state tokens/s (median of ``--repeats`` timed calls after it).
+
+``--mode fast`` also checks:
+- log-probs: fast-engine ``output_log_probs`` vs a trainer-style forward (one bf16 forward
+  over prompt + response, left-padded, logits at the previous position, ``log_softmax`` in
+  float32): mean and max abs difference (target mean < 0.02);
+- recompiles: a sequence of varying batch sizes (``--varying``), counting dynamo graphs and
+  shape buckets (target: graphs <= buckets, i.e. at most one compile per bucket).
+
+The two modes can run at once on two GPUs (one process each), then ``--merge`` prints the table::
+
+    CUDA_VISIBLE_DEVICES=0 python bench/engine_throughput.py --mode fast  --json $OUT/fast.json &
+    CUDA_VISIBLE_DEVICES=1 python bench/engine_throughput.py --mode eager --json $OUT/eager.json
+    python bench/engine_throughput.py --merge $OUT/fast.json $OUT/eager.json
+
+``--random-init DIR``: build a random-weight model from the config + tokenizer at ``--model``
+(for machines where the weights cannot travel; throughput does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+DEFAULT_MODEL = os.path.expanduser("~/.cache/slime_ray/models/SmolLM2-135M-Instruct")
+
+
+def random_model_dir(src: str, dst: str) -> str:
+    """A bf16 random-init copy of the model at ``src`` (config + tokenizer files) in ``dst``."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (Path(dst) / "config.json").exists():
+        return dst
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+    model.save_pretrained(dst)
+    return dst
+
+
+def make_requests(tokenizer, n: int, new_tokens: int, temperature: float = 1.0) -> list[dict]:
+    rows = [json.loads(line) for line in (REPO_ROOT / "examples/math_grpo/test.jsonl").open()]
+    reqs = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": rows[i % len(rows)]["prompt"]}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        reqs.append({"input_ids": ids, "return_logprob": True,
+                     "sampling_params": {"temperature": temperature, "max_new_tokens": new_tokens}})
+    return reqs
+
+
+def timed(engine, reqs) -> tuple[float, list[dict]]:
+    import torch
+
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = engine.generate(reqs)
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def trainer_log_probs(model, reqs, outs, temperature: float):
+    """Trainer-style log-probs: one forward over left-padded prompt+response, [B, R] float32."""
+    import torch
+
+    seqs = [r["input_ids"] + o["output_ids"] for r, o in zip(reqs, outs)]
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+    dev = next(model.parameters()).device
+    diffs = []
+    with torch.no_grad():
+        for lo in range(0, len(seqs), 32):
+            sl = slice(lo, lo + 32)
+            logits = model(input_ids=ids[sl].to(dev), attention_mask=mask[sl].to(dev)).logits
+            for j, (r, o) in enumerate(zip(reqs[sl], outs[sl])):
+                R = len(o["output_ids"])
+                lg = logits[j, L - R - 1: L - 1].float() / temperature  # [R, V]
+                ref = torch.log_softmax(lg, -1).gather(-1, torch.tensor(o["output_ids"], device=dev)[:, None])
+                diffs.append((ref.squeeze(-1).cpu() - torch.tensor(o["output_log_probs"])).abs())
+    d = torch.cat(diffs)
+    return float(d.mean()), float(d.max())
+
+
+def run(args) -> dict:
+    import torch
+
+    from slime_ray.engines.hf import HFEngine
+
+    model = args.model
+    if args.random_init:
+        model = random_model_dir(args.model, args.random_init)
+    fast = args.mode == "fast"
+    t0 = time.perf_counter()
+    engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast)
+    res: dict = {"mode": args.mode, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+                 "load_s": time.perf_counter() - t0, "batches": {}}
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    for b in args.batches:
+        reqs = make_requests(engine.tokenizer, b, args.new_tokens)
+        first_s, out = timed(engine, reqs)
+        steady = [timed(engine, reqs)[0] for _ in range(args.repeats)]
+        ntok = sum(len(o["output_ids"]) for o in out)
+        s = statistics.median(steady)
+        res["batches"][b] = {"first_call_s": first_s, "steady_s": s, "tokens": ntok,
+                             "tokens_per_s": ntok / s, "first_call_tokens_per_s": ntok / first_s,
+                             "compilations_total": engine.num_compilations}
+        print(f"[{args.mode}] batch {b}: first call {first_s:.1f}s, steady {s:.2f}s, "
+              f"{ntok / s:,.0f} tok/s, graphs so far {engine.num_compilations}", flush=True)
+        if b == args.batches[0]:
+            mean_d, max_d = trainer_log_probs(engine.model, reqs, out, 1.0)
+            res["logprob_vs_trainer"] = {"batch": b, "mean_abs": mean_d, "max_abs": max_d}
+            print(f"[{args.mode}] log-probs vs trainer forward (bf16): mean |d| {mean_d:.4f}, max {max_d:.3f}",
+                  flush=True)
+    if fast and args.varying:
+        g0, buckets0 = engine.num_compilations, set(engine.buckets_seen)
+        t0 = time.perf_counter()
+        for b in args.varying:
+            engine.generate(make_requests(engine.tokenizer, b, args.new_tokens))
+        new_buckets = engine.buckets_seen - buckets0
+        res["varying"] = {"batch_sizes": args.varying, "seconds": time.perf_counter() - t0,
+                          "new_graphs": engine.num_compilations - g0, "new_buckets": len(new_buckets),
+                          "buckets_total": len(engine.buckets_seen), "graphs_total": engine.num_compilations}
+        print(f"[fast] varying batches {args.varying}: {len(new_buckets)} new buckets, "
+              f"{engine.num_compilations - g0} new graphs; total buckets {len(engine.buckets_seen)}, "
+              f"graphs {engine.num_compilations}", flush=True)
+    return res
+
+
+def merge(paths: list[str]) -> None:
+    by = {r["mode"]: r for r in (json.load(open(p)) for p in paths)}
+    fast, eager = by.get("fast"), by.get("eager")
+    print("| batch | eager tok/s | fast tok/s | speed-up | fast first call (compile + run) s |")
+    print("|---|---|---|---|---|")
+    for b in (fast or eager)["batches"]:
+        e = eager["batches"][b]["tokens_per_s"] if eager else float("nan")
+        f = fast["batches"][b]["tokens_per_s"] if fast else float("nan")
+        fc = fast["batches"][b]["first_call_s"] if fast else float("nan")
+        print(f"| {b} | {e:,.0f} | {f:,.0f} | {f / e:.1f}x | {fc:.1f} |")
+    for r in by.values():
+        print(f"{r['mode']}: log-probs vs trainer forward {r.get('logprob_vs_trainer')}")
+    if fast and "varying" in fast:
+        print(f"fast: recompiles {fast['varying']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--random-init", default=None, help="write a random-weight copy here and use it")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--mode", choices=("fast", "eager"), default="fast")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--varying", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[40, 200, 256, 100, 50, 256, 120, 64])
+    p.add_argument("--json", default=None)
+    p.add_argument("--merge", nargs="+", default=None)
+    args = p.parse_args()
+    if args.merge:
+        return merge(args.merge)
+    res = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
