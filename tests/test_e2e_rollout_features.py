@@ -142,3 +142,28 @@ def test_dynamic_sampling_replaces_constant_groups(ray_cluster, workdir):
     assert m["rollout/dynamic_filter/drop_zero_std"] >= 1
     assert m["rollout/generated_groups"] >= 3
     assert "train/loss" in m and _history(uri, result.run_id, "rollout/dynamic_filter/drop_zero_std")
+
+
+def test_streaming_data_source_reads_a_ray_data_stream(ray_cluster, workdir, tmp_path):
+    from argparse import Namespace
+
+    from slime_ray.data.streaming import StreamingRolloutDataSource
+
+    args = Namespace(prompt_data=str(workdir / "mixed.jsonl"), input_key="prompt", label_key="label",
+                     metadata_key="metadata", apply_chat_template=True, system_prompt=None,
+                     rollout_max_prompt_len=None, n_samples_per_prompt=2, rollout_shuffle=False, rollout_seed=1,
+                     num_data_workers=2, buffer_filter_path=None, hf_checkpoint=str(workdir / "model"))
+    source = StreamingRolloutDataSource(args)
+    groups = source.get_samples(5)
+    assert [g[0].prompt.count("What is") for g in groups] == [1] * 5 and all(len(g) == 2 for g in groups)
+    assert [g[0].label for g in groups] == ["const", "2", "const", "4", "const"]
+    assert all(g[0].tokens and g[0].tokens == g[1].tokens for g in groups)
+    source.add_samples([groups[0]])
+    source.save(tmp_path / "ds.json")
+    resumed = StreamingRolloutDataSource(args)
+    resumed.load(tmp_path / "ds.json")
+    nxt = resumed.get_samples(3)
+    assert nxt[0][0].group_index == groups[0][0].group_index          # the buffered group first
+    assert [g[0].label for g in nxt[1:]] == ["6", "const"]           # then the stream where it stopped
+    more = resumed.get_samples(8)                                     # crosses the end: epoch 1
+    assert resumed.epoch_id == 1 and [g[0].label for g in more[-3:]] == ["const", "2", "const"]
