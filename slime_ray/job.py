@@ -40,6 +40,23 @@ def init_ray(args: Namespace) -> None:
                  num_cpus=max(4, (os.cpu_count() or 2)))
 
 
+def check_backends(args: Namespace) -> None:
+    """Stop before any resource is taken when the chosen engine or training backend is missing.
+
+    Raises:
+        ConfigError / ImportError: naming the extra to install (``slime_ray[sglang]``,
+        ``slime_ray[megatron]``) or the parallel size that does not fit.
+    """
+    from slime_ray.engines.sglang import check_engine_choice
+
+    check_engine_choice(args)
+    if args.train_backend == "megatron":
+        from slime_ray.train.backends.megatron import check_megatron_available, parallel_sizes
+
+        check_megatron_available()
+        parallel_sizes(args.megatron_args, args.actor_num_nodes * args.actor_num_gpus_per_node)
+
+
 def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
     """Resolve the model folder and load the prompts (before any resource is taken).
 
@@ -54,6 +71,7 @@ def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
     from slime_ray.data.dataset import load_prompt_data
     from slime_ray.models import resolve_hf_checkpoint
 
+    check_backends(args)
     args.hf_checkpoint = resolve_hf_checkpoint(args.hf_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
     if getattr(args, "streaming_data", False):  # read as a Ray Data stream by make_data_source

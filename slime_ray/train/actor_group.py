@@ -26,6 +26,10 @@ class TrainerActor:
             from slime_ray.train.backends.torch_critic import TorchCritic
 
             self.trainer = TorchCritic(args, rank, world_size)
+        elif args.train_backend == "megatron":
+            from slime_ray.train.backends.megatron import MegatronTrainer
+
+            self.trainer = MegatronTrainer(args, rank, world_size)
         else:
             from slime_ray.train.backends.torch_backend import TorchTrainer
 
@@ -57,7 +61,7 @@ class TrainerActor:
         """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it).
         Under FSDP every rank takes part in the gather; only rank 0 puts."""
         weights = self.trainer.get_weights()
-        return [ray.put(weights)] if self.trainer.rank == 0 else []
+        return [ray.put(weights)] if getattr(self.trainer, "global_rank", self.trainer.rank) == 0 else []
 
     def get_weights(self) -> dict:
         return self.trainer.get_weights()
@@ -137,7 +141,8 @@ class RayTrainGroup:
 
     def weights_ref(self) -> ray.ObjectRef:
         """An object-store reference to rank 0's weights (HF names -> CPU tensors)."""
-        if self.placement.use_gpu and self.world_size > 1:  # FSDP: every rank gathers
+        gathers = self.args.train_backend == "megatron" or self.placement.use_gpu
+        if gathers and self.world_size > 1:  # FSDP / tensor parallel: every rank gathers
             return ray.get([a.put_weights.remote() for a in self.actors])[0][0]
         return ray.get(self.actors[0].put_weights.remote())[0]
 
