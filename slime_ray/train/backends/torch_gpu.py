@@ -243,12 +243,16 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda:
+    varlen_kw = _varlen_kwargs(scaling, query.shape[-1]) if query.is_cuda else None
+    if varlen_kw is not None:
         from torch.nn.attention.varlen import varlen_attn
 
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, H, D]
+        if gqa:  # older varlen_attn has no enable_gqa
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mx = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-        out = varlen_attn(q, k, v, cu, cu, mx, mx, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+        out = varlen_attn(q, k, v, cu, cu, mx, mx, **varlen_kw)
         return out[None], None  # [1, N, H, D]
     bounds = cu.tolist()
     parts = []
@@ -256,6 +260,22 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         parts.append(F.scaled_dot_product_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, enable_gqa=gqa))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _varlen_kwargs(scaling: float | None, head_dim: int) -> dict[str, Any] | None:
+    """Causal keyword arguments for this torch's ``varlen_attn`` (2.11: ``is_causal``; later:
+    ``window_size``), or None when it cannot apply ``scaling`` (then per-sample SDPA)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kw: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-12:
+        if "scale" not in params:
+            return None
+        kw["scale"] = scaling
+    return kw
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> Any:
