@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
             actor, rollout_id = recovery.restart(err, actor, rollout_id, data_source, rollout.client)
             continue
         metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times,
+                   "perf/train_tokens_per_s": table_metrics["rollout/total_tokens"] / t.times["perf/train_time"],
                    "rollout/weight_version": float(max(s.weight_version or 0 for g in groups for s in g))}
         tracker.log_metrics(metrics, step=rollout_id)
         print(format_progress_line(rollout_id, metrics), flush=True)

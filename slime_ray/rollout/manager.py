@@ -162,4 +162,5 @@ def build_train_table(args: Namespace, groups: list[list[Sample]]) -> tuple[pa.T
     table = table.append_column("raw_reward", pa.array(raw.tolist(), pa.float32()))
     table = table.append_column("train_reward", pa.array(train.tolist(), pa.float32()))
     zero_std = sum(1 for g in groups if len(g) > 1 and len({_train_value(args, s) for s in g}) == 1)
-    return table, {"rollout/zero_std_groups": float(zero_std)}
+    total_tokens = float(sum(len(s.tokens) for s in flat))
+    return table, {"rollout/zero_std_groups": float(zero_std), "rollout/total_tokens": total_tokens}
