@@ -259,6 +259,10 @@ class MegatronTrainer(TorchTrainer):
                                     rank=self.global_rank, world_size=self.global_world_size)
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=1)
+        if torch.cuda.is_available():  # Megatron's CUDA RNG tracker needs its model-parallel stream
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(self.args.seed)
         if ps.get_tensor_model_parallel_rank() != self.tp_rank or ps.get_data_parallel_rank() != self.rank:
             raise RuntimeError("Megatron's rank layout differs from rank // tp, rank % tp")
         self._tp_group = ps.get_tensor_model_parallel_group()
