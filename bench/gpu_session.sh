@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU runs of the 2-GPU machine (nvidia-h200-x2), in one or two `run` calls:
+#   part A: issue 6 — GRPO 5 steps with --train-backend megatron --tensor-model-parallel-size 2
+#           (colocated engines, weight sync every step) and the same run on the torch backend;
+#           train tokens/s of both from MLflow.
+#   part B: issue 4 — async vs sync loop (trainer on GPU 0, engine on GPU 1); issue 10 — train
+#           throughput vs a bare HF loop, and one GRPO step's breakdown.
+# The model is SmolLM2-135M's architecture and tokenizer with random weights (bench/assets): the
+# real 538 MB checkpoint cannot travel to the device machine.
+# Usage on the device: bash bench/gpu_session.sh A|B   (carry .whl)
+set -o pipefail
+part=${1:-A}
+export PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false \
+       MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true RAY_DEDUP_LOGS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/.site:$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi -L
+[ -d /tmp/smol ] || python3 -c "from bench._common import model_dir; print(model_dir('135m', '/tmp/smol'))"
+COMMON=(--hf-checkpoint /tmp/smol --prompt-data examples/math_grpo/train.jsonl --input-key prompt --label-key label
+        --apply-chat-template --rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64
+        --micro-batch-size 8 --rollout-max-response-len 128 --rollout-temperature 1.0
+        --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 --mlflow-tracking-uri sqlite:////tmp/gpu.db)
+
+summary() { python3 -m slime_ray.tracking summary --tracking-uri sqlite:////tmp/gpu.db --run-name "$1" | grep -E "perf/|train/loss|weight_version|kl_loss"; }
+
+if [ "$part" = A ]; then
+  timeout 280 python3 jobs/grpo.py "${COMMON[@]}" --train-backend megatron --tensor-model-parallel-size 2 \
+    --actor-num-gpus-per-node 2 --colocate --rollout-num-gpus 2 --num-rollout 5 --run-name megatron_tp2 \
+    --update-weight-transport object_store --rollout-compile false 2>&1 | grep -vE "^\(|Loading weights" | tail -n 25 | tee "$OUT/megatron_tp2.log"
+  summary megatron_tp2 | tee -a "$OUT/megatron_tp2.log"
+  timeout 200 python3 jobs/grpo.py "${COMMON[@]}" --train-backend torch --actor-num-gpus-per-node 2 --colocate \
+    --rollout-num-gpus 2 --num-rollout 5 --run-name torch_dp2 --rollout-compile false 2>&1 \
+    | grep -vE "^\(|Loading weights" | tail -n 25 | tee "$OUT/torch_dp2.log"
+  summary torch_dp2 | tee -a "$OUT/torch_dp2.log"
+else
+  timeout 150 python3 bench/train_throughput.py 2>&1 | tail -n 30 | tee "$OUT/train_throughput.log"
+  timeout 120 python3 bench/grpo_step_breakdown.py 2>&1 | tail -n 30 | tee "$OUT/grpo_step_breakdown.log"
+  timeout 300 python3 bench/async_vs_sync.py --model /tmp/smol --steps 5 --results "$OUT/async_RESULTS.md" \
+    --extra "--rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64 --rollout-max-response-len 128 --rollout-num-gpus 1" \
+    2>&1 | tail -n 30 | tee "$OUT/async_vs_sync.log"
+fi
