@@ -142,9 +142,10 @@ def pull_current_weights(engine: Any, store_name: str) -> int:
     try:
         store = ray.get_actor(store_name, namespace=WEIGHT_STORE_NAMESPACE)
     except ValueError:
+        logger.warning("no weight store %r: engine keeps weight version %d", store_name, engine.weight_version)
         return engine.weight_version  # no store yet: the job has not synced weights
     version, wrapped = ray.get(store.latest.remote())
     if wrapped and version != engine.weight_version:
         engine.update_weights(ray.get(wrapped[0]), version)
-        logger.info("engine replica loaded weight version %d from the weight store", version)
+        logger.warning("engine replica loaded weight version %d from the weight store", version)
     return engine.weight_version

@@ -117,13 +117,21 @@ class EngineClient:
             the engine's KeyError / ValueError (unknown name, shape mismatch), wrapped by Ray.
         """
         ref = self._as_ref(weights)
+        self.publish_weights(ref[0], weight_version)  # first: a replica starting now already gets this version
         versions = [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
         self.ingress.set_weight_version.remote(int(weight_version)).result()
         return versions
 
+    def publish_weights(self, weights: Any, weight_version: int) -> None:
+        """Hand ``weights`` to the weight store (fault tolerance) without pushing them to the engines."""
+        if self.weight_store is not None:
+            ray.get(self.weight_store.publish.remote(self._as_ref(weights), int(weight_version)))
+
     async def update_weights_async(self, weights: Any, weight_version: int) -> list[int]:
         """Async :meth:`update_weights` (for callers inside an event loop)."""
         ref = self._as_ref(weights)
+        if self.weight_store is not None:
+            await self.weight_store.publish.remote(ref, int(weight_version))
         versions = list(await asyncio.gather(*self._calls("update_weights", ref, int(weight_version))))
         await self.ingress.set_weight_version.remote(int(weight_version))
         return versions

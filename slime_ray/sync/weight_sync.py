@@ -39,6 +39,8 @@ def sync_weights(actor_group: Any, client: Any, weight_version: int, state: Sync
         client.update_weights(actor_group.weights_ref(), weight_version)
         return {"sync/seconds": time.perf_counter() - t0}
     actors, engines = actor_group.actors, client.engines
+    if getattr(client, "weight_store", None) is not None:  # fault tolerance: restarted replicas pull these
+        client.publish_weights(actor_group.weights_ref(), weight_version)
     if not state.metas:
         state.metas = ray.get(actors[0].weight_sync.remote("plan"))
     client.pause()
