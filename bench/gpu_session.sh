@@ -20,23 +20,31 @@ nvidia-smi -L
 COMMON=(--hf-checkpoint /tmp/smol --prompt-data examples/math_grpo/train.jsonl --input-key prompt --label-key label
         --apply-chat-template --rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64
         --micro-batch-size 8 --rollout-max-response-len 128 --rollout-temperature 1.0
-        --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 --mlflow-tracking-uri sqlite:////tmp/gpu.db)
+        --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 --custom-rm-path bench/assets/parity_rm.py)
 
-summary() { python3 -m slime_ray.tracking summary --tracking-uri sqlite:////tmp/gpu.db --run-name "$1" | grep -E "perf/|train/loss|weight_version|kl_loss"; }
+# The device machine has no MLflow: metrics go to JSON lines (--mlflow-tracking-uri jsonl:PATH).
+summary() { python3 -c "
+import json, statistics as st, sys
+rows = [json.loads(x)['metrics'] for x in open('/tmp/$1.jsonl') if '\"metrics\"' in x]
+for k in sorted(rows[-1]):
+    if k.startswith(('perf/', 'train/loss', 'train/kl_loss', 'rollout/weight_version', 'rollout/reward_mean')):
+        v = [r[k] for r in rows if k in r]
+        print(f'{k:40s} last {v[-1]:.4g}  median(steps 1..) {st.median(v[1:] or v):.4g}  ({len(v)} steps)')
+"; }
 
 if [ "$part" = A ]; then
   timeout 280 python3 jobs/grpo.py "${COMMON[@]}" --train-backend megatron --tensor-model-parallel-size 2 \
-    --actor-num-gpus-per-node 2 --colocate --rollout-num-gpus 2 --num-rollout 5 --run-name megatron_tp2 \
+    --actor-num-gpus-per-node 2 --colocate --rollout-num-gpus 2 --num-rollout 5 --mlflow-tracking-uri jsonl:/tmp/megatron_tp2.jsonl \
     --update-weight-transport object_store --rollout-compile false 2>&1 | grep -vE "^\(|Loading weights" | tail -n 25 | tee "$OUT/megatron_tp2.log"
   summary megatron_tp2 | tee -a "$OUT/megatron_tp2.log"
   timeout 200 python3 jobs/grpo.py "${COMMON[@]}" --train-backend torch --actor-num-gpus-per-node 2 --colocate \
-    --rollout-num-gpus 2 --num-rollout 5 --run-name torch_dp2 --rollout-compile false 2>&1 \
+    --rollout-num-gpus 2 --num-rollout 5 --mlflow-tracking-uri jsonl:/tmp/torch_dp2.jsonl --rollout-compile false 2>&1 \
     | grep -vE "^\(|Loading weights" | tail -n 25 | tee "$OUT/torch_dp2.log"
   summary torch_dp2 | tee -a "$OUT/torch_dp2.log"
 else
   timeout 150 python3 bench/train_throughput.py 2>&1 | tail -n 30 | tee "$OUT/train_throughput.log"
   timeout 120 python3 bench/grpo_step_breakdown.py 2>&1 | tail -n 30 | tee "$OUT/grpo_step_breakdown.log"
   timeout 300 python3 bench/async_vs_sync.py --model /tmp/smol --steps 5 --results "$OUT/async_RESULTS.md" \
-    --extra "--rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64 --rollout-max-response-len 128 --rollout-num-gpus 1" \
+    --extra "--rollout-batch-size 8 --n-samples-per-prompt 8 --global-batch-size 64 --rollout-max-response-len 128 --rollout-num-gpus 1 --custom-rm-path bench/assets/parity_rm.py" \
     2>&1 | tail -n 30 | tee "$OUT/async_vs_sync.log"
 fi

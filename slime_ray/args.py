@@ -208,7 +208,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    mlflow_tracking_uri: str | None = arg(None, "MLflow tracking URI (default sqlite:///<cwd>/mlflow.db).")
+    mlflow_tracking_uri: str | None = arg(None, "MLflow tracking URI (default sqlite:///<cwd>/mlflow.db); jsonl:PATH writes metrics as JSON lines without MLflow.")
     mlflow_experiment_name: str = arg("slime_ray", "MLflow experiment.")
     run_name: str | None = arg(None, "MLflow run name.")
     use_tensorboard: bool = arg(False, "Also write the scalars for TensorBoard under --tensorboard-dir.")

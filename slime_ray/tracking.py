@@ -140,13 +140,26 @@ class Tracker:
         use_tensorboard: bool = False,
         tensorboard_dir: str = "outputs/",
     ):
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self._finished = False
+        self._tb = None
+        self._jsonl: str | None = None
+        if self.tracking_uri.startswith("jsonl:"):
+            # no MLflow (e.g. a machine without it): metrics as JSON lines in that file
+            import uuid
+
+            self._jsonl = self.tracking_uri[len("jsonl:"):]
+            os.makedirs(os.path.dirname(os.path.abspath(self._jsonl)), exist_ok=True)
+            self._run_id = run_id or uuid.uuid4().hex
+            self._client = None
+            self._append_jsonl({"run_id": self._run_id, "run_name": run_name, "params": flatten_params(params)})
+            if use_tensorboard:
+                self._tb = self._make_tb_writer(tensorboard_dir)
+            return
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = tracking_uri or default_tracking_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        self._finished = False
-        self._tb = None
         if run_id:
             self._run_id = self._resume(run_id)
         else:
@@ -222,6 +235,12 @@ class Tracker:
         return SummaryWriter(log_dir=log_dir)
 
     # --------------------------------------------------------------------- logging
+    def _append_jsonl(self, record: dict[str, Any]) -> None:
+        import json
+
+        with open(self._jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     @property
     def run_id(self) -> str:
         """The MLflow run id (save it with checkpoints to resume the same run)."""
@@ -233,13 +252,16 @@ class Tracker:
         Keys are made MLflow-safe (e.g. ``pass@k`` -> ``pass_k``); TensorBoard gets the
         original keys. Returns the metrics actually logged (original keys).
         """
-        from mlflow.entities import Metric
-
         clean = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
         ts = int(time.time() * 1000)
-        items = [Metric(_clean_key(k), v, ts, int(step)) for k, v in clean.items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self._run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+        if self._jsonl is not None:
+            self._append_jsonl({"run_id": self._run_id, "step": int(step), "timestamp_ms": ts, "metrics": clean})
+        else:
+            from mlflow.entities import Metric
+
+            items = [Metric(_clean_key(k), v, ts, int(step)) for k, v in clean.items()]
+            for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self._run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, int(step))
@@ -248,6 +270,8 @@ class Tracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         """Upload a local file or directory to the run's artifacts (under ``artifact_path``)."""
+        if self._jsonl is not None:
+            return
         if os.path.isdir(path):
             self._client.log_artifacts(self._run_id, path, artifact_path)
         else:
@@ -255,6 +279,8 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values stringified)."""
+        if self._jsonl is not None:
+            return
         for k, v in tags.items():
             self._client.set_tag(self._run_id, _clean_key(k), _stringify(v))
 
@@ -265,6 +291,9 @@ class Tracker:
         self._finished = True
         if self._tb is not None:
             self._tb.close()
+        if self._jsonl is not None:
+            self._append_jsonl({"run_id": self._run_id, "status": status})
+            return
         self._client.set_terminated(self._run_id, status=status)
 
     def __enter__(self) -> "Tracker":

@@ -131,3 +131,20 @@ def test_format_progress_line():
     assert line == ("step 3 | reward 0.625 | acc 0.500 | resp_len 87.2 | loss 0.0123 | kl 0.0004"
                     " | time rollout 4.1s actor_train 2.0s")
     assert format_progress_line(0, {"train/loss": None}) == "step 0"
+
+
+def test_jsonl_tracking_without_mlflow(tmp_path):
+    """`--mlflow-tracking-uri jsonl:PATH` writes params, metrics per step and the end status as JSON lines."""
+    import json
+
+    from slime_ray.tracking import Tracker
+
+    path = tmp_path / "m" / "metrics.jsonl"
+    t = Tracker(tracking_uri=f"jsonl:{path}", run_name="r", params={"lr": 1e-6})
+    t.log_metrics({"train/loss": 0.5, "bad": float("nan")}, step=0)
+    t.log_metrics({"train/loss": 0.25}, step=1)
+    t.finish()
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0]["params"] == {"lr": "1e-06"} and rows[0]["run_name"] == "r"
+    assert [r["metrics"] for r in rows[1:3]] == [{"train/loss": 0.5}, {"train/loss": 0.25}]
+    assert [r["step"] for r in rows[1:3]] == [0, 1] and rows[3]["status"] == "FINISHED"
