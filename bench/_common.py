@@ -21,8 +21,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2)
 
 
-def model_dir(kind: str, out: str | None = None, tiny: bool = False) -> str:
-    """An HF folder with random weights: kind "135m" (SmolLM2-135M config) or "1.5b"."""
+def model_dir(kind: str, out: str | None = None, tiny: bool = False, vocab_size: int | None = None) -> str:
+    """An HF folder with random weights: kind "135m" (SmolLM2-135M config) or "1.5b".
+
+    ``vocab_size`` overrides the config's (jobs that tokenize with SmolLM2's tokenizer need 49152)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = out or tempfile.mkdtemp(prefix=f"bench_{kind}_")
@@ -34,6 +36,8 @@ def model_dir(kind: str, out: str | None = None, tiny: bool = False) -> str:
         cfg.update(LLAMA_1P5B)
     if tiny:
         cfg.update(TINY)
+    if vocab_size:
+        cfg["vocab_size"] = vocab_size
     (Path(out) / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)

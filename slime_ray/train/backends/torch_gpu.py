@@ -243,11 +243,15 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    varlen_kw = _varlen_kwargs(scaling, query.shape[-1]) if query.is_cuda else None
+    # flash varlen needs fp16/bf16: fp32 q/k/v (fp32 training, or RoPE upcasting under autocast)
+    # are cast to the autocast dtype, or take the exact per-sample SDPA path below
+    half = query.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda")
+    varlen_kw = _varlen_kwargs(scaling, query.shape[-1]) if query.is_cuda and half else None
     if varlen_kw is not None:
         from torch.nn.attention.varlen import varlen_attn
 
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, H, D]
+        dt = query.dtype if query.dtype != torch.float32 else torch.get_autocast_dtype("cuda")
+        q, k, v = (x[0].transpose(0, 1).to(dt) for x in (query, key, value))  # [N, H, D]
         if gqa:  # older varlen_attn has no enable_gqa
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
