@@ -65,7 +65,9 @@ class Placement:
 
     def engine_placement(self, engine_index: int) -> dict[str, Any]:
         """What an engine deployment needs to start its engine in its bundle (picklable)."""
-        return {"pg_name": self.pg_name, "bundle_index": self.rollout_bundle_offset + engine_index,
+        # the group object itself travels (a name lookup from a Serve replica depends on the
+        # driver's namespace, and fails for a second driver of the same cluster)
+        return {"pg": self.pg, "pg_name": self.pg_name, "bundle_index": self.rollout_bundle_offset + engine_index,
                 "options": dict(self.engine_options)}
 
 

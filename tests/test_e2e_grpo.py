@@ -86,4 +86,7 @@ def test_grpo_two_steps_end_to_end(ray_cluster, workdir):
     kl0 = client.get_metric_history(result.run_id, "train/kl_loss")[0].value
     ppo_kl0 = client.get_metric_history(result.run_id, "train/ppo_kl")[0].value
     assert abs(kl0) < 1e-8 and abs(ppo_kl0) < 1e-8
+    # the trainer's log-probs of the sampled responses equal the engine's (fp32)
+    lp_diff = client.get_metric_history(result.run_id, "train/train_rollout_logprob_abs_diff")
+    assert all(m.value < 1e-4 for m in lp_diff), [m.value for m in lp_diff]
     assert run.data.params["rollout_batch_size"] == "2"

@@ -61,7 +61,7 @@ class RemoteEngine(RolloutEngine):
     """
 
     def __init__(self, engine: str, model_path: str, kwargs: dict[str, Any], placement: dict[str, Any]):
-        pg = ray.util.get_placement_group(placement["pg_name"])
+        pg = placement.get("pg") or ray.util.get_placement_group(placement["pg_name"])
         if pg is None:
             raise ValueError(f"RemoteEngine: no placement group named {placement['pg_name']!r}")
         opts = dict(placement.get("options") or {})
