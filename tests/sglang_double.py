@@ -27,7 +27,7 @@ Test-only flags (``--double-*``, passed through the adapter as ``--sglang-double
 ``--double-token-delay-s S`` (time per token), ``--double-startup-delay-s S`` (503 from
 ``/health_generate`` meanwhile), ``--double-fail-on-start`` (log an error, exit 1),
 ``--double-exit-after-s S`` (the process dies, exit code 3). Test-only routes under
-``/_test/``: ``calls`` (every call recorded), ``state``, ``reset``, ``exit``.
+``/_test/``: ``calls`` (every call recorded), ``state`` (incl. the server's ``pid``), ``reset``, ``exit``.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def _test_routes(app: FastAPI, st: DoubleState) -> None:
     async def state() -> dict[str, Any]:
         return {"weight_version": st.weight_version, "paused": st.paused, "salt": st.salt,
                 "weights": st.weights, "released_tags": sorted(st.released_tags),
-                "groups": st.groups, "argv": st.argv, "running": len(st.running)}
+                "groups": st.groups, "argv": st.argv, "running": len(st.running), "pid": os.getpid()}
 
     @app.post("/_test/reset")
     async def reset() -> dict[str, Any]:
