@@ -87,4 +87,6 @@ def main(argv: list[str] | None = None) -> job.JobResult:
 
 
 if __name__ == "__main__":
-    main()
+    from slime_ray.validation import run_cli
+
+    sys.exit(run_cli(main))

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
 
-from slime_ray import job  # noqa: E402
+from slime_ray import checkpoint, job  # noqa: E402
 from slime_ray.args import config_to_params, parse_args  # noqa: E402
 from slime_ray.placement import create_placement  # noqa: E402
 from slime_ray.rollout.async_loop import RolloutProducer, WeightSyncer, check_async_args, filter_stale  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
         train_metrics = t.run("train", actor.train, rollout_id, ray.put(table)) if groups else {}
         overlap = producer.busy.overlap(t0, time.perf_counter()) / max(time.perf_counter() - t0, 1e-9)
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
-            t.run("save", actor.save, args.save, rollout_id, {"data_source": data_source.state_dict()})
+            t.run("save", checkpoint.save, args, actor, rollout_id, data_source, rollout_id + 1, tracker.run_id)
         sync_metrics = sync(rollout_id + 1) if (rollout_id + 1) % args.update_weights_interval == 0 else {}
         metrics = {**rollout_metrics, **stale_metrics, **table_metrics, **train_metrics, **t.times,
                    **sync_metrics, "perf/overlap_ratio": overlap, "train/weight_version": float(rollout_id),
@@ -80,4 +80,6 @@ def main(argv: list[str] | None = None) -> job.JobResult:
 
 
 if __name__ == "__main__":
-    main()
+    from slime_ray.validation import run_cli
+
+    sys.exit(run_cli(main))

@@ -5,17 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-. .venv/bin/activate
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
-# Ray's token authentication on (the token lives in ~/.ray/auth_token; generated on first use).
-export RAY_AUTH_MODE=token
+# venv, loopback-only Ray, Ray's token authentication (token in ~/.ray/auth_token, generated once)
+. scripts/env.sh
 [ -s ~/.ray/auth_token ] || ray get-auth-token --generate >/dev/null
 MODEL=$(python -m slime_ray.models fetch smollm2-135m-instruct | tail -n 1)
 echo "model: $MODEL"
-if ! ray status >/dev/null 2>&1; then
-  ray start --head --num-cpus 4 --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null
+if ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
+  echo "using the Ray head already running at 127.0.0.1:6379"
+else
+  ray start --head --port 6379 --num-cpus 4 --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null \
+    || { echo "ray start failed: is another Ray head on port 6379? stop it with: source scripts/env.sh && ray stop"; exit 1; }
 fi
-export RAY_ADDRESS=http://127.0.0.1:8265
 MLFLOW_URI="sqlite:///$PWD/mlflow.db"
 SUBMISSION_ID="grpo_$(date +%Y%m%d_%H%M%S)"
 set +e
@@ -32,7 +32,8 @@ set -e
 STATUS=$(python -c "from ray.job_submission import JobSubmissionClient as C; print(C('$RAY_ADDRESS').get_job_status('$SUBMISSION_ID').value)" 2>/dev/null || echo UNKNOWN)
 echo
 echo "job $SUBMISSION_ID: $STATUS"
-echo "Ray dashboard:  http://127.0.0.1:8265  (ray job status $SUBMISSION_ID)"
+echo "Ray dashboard:  http://127.0.0.1:8265  (source scripts/env.sh && ray job status $SUBMISSION_ID)"
+echo "Stop the Ray head when done: source scripts/env.sh && ray stop"
 echo "MLflow UI:      .venv/bin/mlflow ui --backend-store-uri $MLFLOW_URI --host 127.0.0.1 --port 5000"
 python -m slime_ray.tracking summary --tracking-uri "$MLFLOW_URI" --run-name "$SUBMISSION_ID" || true
 [ "$STATUS" = "SUCCEEDED" ]

@@ -53,6 +53,12 @@ def sampling_params_from_openai(body: dict[str, Any], kind: str) -> dict[str, An
     }
     if params["max_new_tokens"] < 1:
         raise OpenAIRequestError(f"max_tokens must be >= 1, got {params['max_new_tokens']}")
+    from slime_ray.engines.base import check_sampling_params
+
+    try:
+        check_sampling_params(params)
+    except ValueError as err:
+        raise OpenAIRequestError(str(err).replace("sampling_params.", "")) from None
     return params
 
 
@@ -69,8 +75,8 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list 
     Raises:
         OpenAIRequestError: no messages, or the tokenizer has no chat template.
     """
-    if not messages:
-        raise OpenAIRequestError("messages must be a non-empty list")
+    if not messages or not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise OpenAIRequestError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIRequestError("the model's tokenizer has no chat template; use /v1/completions")
     msgs = [{**m, "content": _message_text(m.get("content"))} for m in messages]

@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.openai_routes import OpenAIRoutes, fastapi_app
 from slime_ray.rollout.batcher import GapBatcher
 from slime_ray.rollout.router import EngineRouter
+from slime_ray.engines.base import check_sampling_params
 
 class StaleWeightsError(RuntimeError):
     """An engine was asked to serve while it holds older weights than the current version."""
@@ -253,6 +254,7 @@ class RolloutIngress(OpenAIRoutes):
         """
         if request.get("input_ids") is None and request.get("text") is None:
             raise ValueError("generate: the request needs 'input_ids' or 'text'")
+        check_sampling_params(request.get("sampling_params") or {})
         engine_request = {
             k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request
         }

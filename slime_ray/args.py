@@ -272,9 +272,16 @@ def _base_type(tp: Any) -> Any:
     return args[0] if args and get_origin(tp) is not list else tp
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are a :class:`ConfigError` (one line from the CLI), not usage + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see `python {self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every flag, generated from the config dataclasses."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="jobs/grpo.py", description="slime_ray: GRPO/PPO post-training on Ray (slime's flags).",
         allow_abbrev=False,
     )

@@ -158,7 +158,8 @@ def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
         num_cpus_per_engine=args.num_cpus_per_engine, engine_placements=placements,
         num_gpus_per_engine=args.rollout_num_gpus_per_engine if use_gpu and placement is None else 0,
         max_concurrency=args.rollout_max_concurrency, fault_tolerance=_fault_tolerance_options(args))
-    serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False)
+    serve.run(app, name=ROLLOUT_APP_NAME, route_prefix="/", blocking=False,
+              logging_config={"enable_access_log": False, "log_level": "WARNING"})  # no line per request
     client = EngineClient.from_app(ROLLOUT_APP_NAME, num_engines)
     if args.use_fault_tolerance:
         from slime_ray.fault import start_weight_store

@@ -25,6 +25,7 @@ finds it with ``ray.util.get_placement_group(name)``.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
+
+
+logger = logging.getLogger(__name__)
 
 
 class PlacementError(RuntimeError):
@@ -124,8 +128,18 @@ def create_placement(args: Namespace, timeout_s: float = 120.0, num_engines: int
     bundles, layout = plan_bundles(world, num_engines, colocate=colocate, use_gpu=use_gpu,
                                    cpus_per_actor=args.num_cpus_per_actor,
                                    cpus_per_engine=getattr(args, "num_cpus_per_engine", 1.0))
+    total = ray.cluster_resources()
+    for res in ("CPU", "GPU"):
+        need = sum(b.get(res, 0) for b in bundles)
+        if need > total.get(res, 0) + 1e-9 and not _autoscaling():
+            raise PlacementError(
+                f"{len(bundles)} bundles ({world} training ranks, {num_engines} engines, colocate={colocate}) "
+                f"need {need:g} {res} but the cluster has {total.get(res, 0):g}. Lower --actor-num-gpus-per-node "
+                f"/ --rollout-num-gpus / --rollout-num-engines / --num-cpus-per-actor, use --colocate, or start "
+                f"Ray with more resources (ray start --head --num-cpus N)")
     name = f"slime_ray_pg_{uuid.uuid4().hex[:8]}"
     pg = placement_group(bundles, strategy="PACK", name=name)
+    logger.info("waiting for %d bundles (%s) to be placed", len(bundles), bundles[0])
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)
@@ -137,6 +151,13 @@ def create_placement(args: Namespace, timeout_s: float = 120.0, num_engines: int
     return Placement(pg=pg, actor_bundle_offset=0, num_actor_bundles=world, use_gpu=use_gpu, colocate=colocate,
                      rollout_bundle_offset=layout["rollout_bundle_offset"], num_rollout_bundles=num_engines,
                      pg_name=name, actor_options=layout["actor_options"], engine_options=layout["engine_options"])
+
+
+def _autoscaling() -> bool:
+    """Whether the cluster may grow (then a shortfall now is not an error yet)."""
+    import os
+
+    return bool(os.environ.get("SLIME_RAY_ALLOW_AUTOSCALE"))
 
 
 def engines_for(args: Namespace, use_gpu: bool) -> int:

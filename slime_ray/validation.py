@@ -26,13 +26,13 @@ PLUGIN_FLAGS: dict[str, list[str] | None] = {
     "custom_generate_function_path": None,  # per-sample or batch form, detected when called
     "dynamic_sampling_filter_path": ["args", "group"],
     "buffer_filter_path": ["args", "rollout_id", "buffer", "num_samples"],
-    "data_source_path": ["args"],
+    "data_source_path": None,  # slime's shape takes (args); the seed's takes nothing
     "rollout_function_path": ["args", "rollout_id", "data_source"],
     "custom_loss_function_path": None,
     "rollout_sample_hook_path": None,
     "custom_reward_post_process_path": ["args", "samples"],
 }
-BUILTIN_RM_WITH_LABEL = ("math", "boxed_math", "dapo", "deepscaler", "f1", "gpqa")
+BUILTIN_RM_WITH_LABEL = ("math", "boxed_math", "f1")
 
 
 def check_plugins(args: Namespace) -> None:
@@ -51,6 +51,20 @@ def check_plugins(args: Namespace) -> None:
         from slime_ray.rollout.rewards import load_custom_rm
 
         load_custom_rm(args)
+    elif getattr(args, "rm_type", None):
+        from slime_ray.args import ConfigError
+        from slime_ray.rollout.rewards import _builtin_for
+
+        try:
+            _builtin_for(args.rm_type)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if getattr(args, "custom_generate_function_path", None):
+        from slime_ray.rollout.custom_generate import check_generate_signature
+
+        check_generate_signature(load_function(args.custom_generate_function_path,
+                                               flag="--custom-generate-function-path"),
+                                 args.custom_generate_function_path)
 
 
 def check_labels(args: Namespace, prompts: list[dict]) -> None:
@@ -118,8 +132,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run a job's ``main``; bad input ends it with one ``slime_ray: error: ...`` line and exit code 2."""
     try:
-        main(argv)
+        result = main(argv)
     except user_errors() as err:
         print(f"slime_ray: error: {err}", file=sys.stderr, flush=True)
         return 2
+    if result is not None and hasattr(result, "actor"):  # a finished job leaves no Serve app or actors behind
+        from slime_ray.job import shutdown
+
+        try:
+            shutdown(result)
+        except Exception as err:  # noqa: BLE001 - the job itself succeeded
+            logger.warning("shutdown after the job: %s", err)
     return 0

@@ -117,7 +117,40 @@ CASES = {
                                         _write(t / "ck" / "iter_0000002", "meta.json", "{broken"),
                                         find_resume(_args(t, m, extra=["--load", str(t / "ck")]))),
                           CheckpointError, "meta.json is unreadable"),
+    "generate_wrong_signature": (lambda t, m: _prepare(_args(t, m, extra=[
+        "--custom-generate-function-path",
+        str(_write(t, "gen.py", "async def generate(args, sample):\n    return sample\n")) + ":generate"])),
+        PluginError, "neither accepted signature"),
+    "rm_type_unknown": (lambda t, m: _prepare(_args(t, m, extra=["--rm-type", "nonsense"])),
+                        ConfigError, "--rm-type 'nonsense' is not a built-in reward"),
+    "flag_value_wrong_type": (lambda t, m: _args(t, m, extra=["--num-rollout", "three"]),
+                              ConfigError, "argument --num-rollout: invalid int value: 'three'"),
+    "eval_data_missing": (lambda t, m: __import__("slime_ray.rollout.eval", fromlist=["Evaluator"]).Evaluator.from_args(
+        _args(t, m, extra=["--eval-prompt-data", "aime", str(t / "nope.jsonl")])),
+        DataError, "--eval-prompt-data aime"),
 }
+
+
+def test_generate_function_returning_none_is_named():
+    """A generate function that returns None fails the step with the flag, not an AttributeError."""
+    from slime_ray.rollout.custom_generate import make_group_generate
+
+    async def generate(args, sample, sampling_params):
+        return None
+
+    run = make_group_generate(generate)
+    with pytest.raises(PluginError, match="--custom-generate-function-path .*returned NoneType"):
+        asyncio.run(run(None, [Sample(index=0)], {}))
+
+
+def test_sampling_params_are_checked():
+    from slime_ray.engines.base import check_sampling_params
+
+    for bad, msg in (({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 1.5}, "top_p must be in"),
+                     ({"top_k": 0}, "top_k must be -1"), ({"max_new_tokens": 0}, "max_new_tokens must be >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            check_sampling_params(bad)
+    check_sampling_params({"temperature": 0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

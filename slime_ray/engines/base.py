@@ -52,6 +52,25 @@ def default_sampling_params(**overrides: Any) -> dict[str, Any]:
     return params
 
 
+def check_sampling_params(params: dict[str, Any]) -> None:
+    """Refuse sampling params no engine can honour.
+
+    Raises:
+        ValueError: temperature < 0, top_p outside (0, 1], top_k 0 or < -1, max_new_tokens < 1
+            (the HTTP routes answer it with status 400).
+    """
+    t, p = params.get("temperature", 1.0), params.get("top_p", 1.0)
+    k, n = params.get("top_k", -1), params.get("max_new_tokens", 1)
+    if t is not None and float(t) < 0:
+        raise ValueError(f"sampling_params.temperature must be >= 0 (0 = greedy), got {t}")
+    if p is not None and not 0 < float(p) <= 1:
+        raise ValueError(f"sampling_params.top_p must be in (0, 1], got {p}")
+    if k is not None and (int(k) == 0 or int(k) < -1):
+        raise ValueError(f"sampling_params.top_k must be -1 (off) or >= 1, got {k}")
+    if n is not None and int(n) < 1:
+        raise ValueError(f"sampling_params.max_new_tokens must be >= 1, got {n}")
+
+
 class RolloutEngine(abc.ABC):
     """An inference engine: batched generation with log-probs, weight updates, versions.
 

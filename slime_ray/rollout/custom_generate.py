@@ -30,6 +30,44 @@ from slime_ray.types import Sample, SampleStatus
 GroupFn = Callable[[Any, list[Sample], dict, bool], Awaitable[list[Sample]]]
 
 
+def check_generate_signature(fn: Callable, spec: str) -> None:
+    """Refuse a generate function that has neither supported shape.
+
+    Per-sample (slime): ``async def generate(args, sample, sampling_params[, evaluation])``;
+    batch (the seed's): ``async def custom_generate(args, samples, evaluation=False)``.
+
+    Raises:
+        slime_ray.plugins.PluginError: naming the flag, the file and both accepted signatures.
+    """
+    from slime_ray.plugins import PluginError
+
+    params = list(inspect.signature(fn).parameters.values())
+    names = [p.name for p in params]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    batch = len(names) >= 2 and (names[1] == "samples" or "evaluation" in names) and "sampling_params" not in names
+    per_sample = len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    if not (batch or per_sample):
+        raise PluginError(
+            f"--custom-generate-function-path {spec}: {getattr(fn, '__name__', fn)}{inspect.signature(fn)} has "
+            f"neither accepted signature: per sample `async def generate(args, sample, sampling_params)` or "
+            f"batch `async def custom_generate(args, samples, evaluation=False)`")
+
+
+def check_generate_output(out: Any, spec: str) -> None:
+    """A generate function must return a Sample or a list of Samples.
+
+    Raises:
+        slime_ray.plugins.PluginError: naming the flag and what came back.
+    """
+    from slime_ray.plugins import PluginError
+
+    items = out if isinstance(out, list) else [out]
+    if not items or not all(isinstance(x, Sample) for x in items):
+        raise PluginError(
+            f"--custom-generate-function-path {spec}: returned {type(out).__name__} ({out!r:.80}); it must "
+            f"return the Sample (per-sample form), a list of Samples, or fill and return the samples (batch form)")
+
+
 def is_batch_form(fn: Callable) -> bool:
     """True for ``(args, samples, evaluation=False)``; False for ``(args, sample, sampling_params)``."""
     params = list(inspect.signature(fn).parameters.values())
@@ -79,6 +117,7 @@ def make_group_generate(fn: Callable) -> GroupFn:
 
     batch = is_batch_form(fn)
     pass_eval = _accepts(fn, "evaluation")
+    spec = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__name__', fn)}"
 
     async def run(args: Any, group: list[Sample], params: dict, evaluation: bool = False) -> list[Sample]:
         todo = [s for s in group if s.status not in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED)]
@@ -89,12 +128,21 @@ def make_group_generate(fn: Callable) -> GroupFn:
         if batch:
             out = await (fn(args, todo, evaluation=evaluation) if pass_eval else fn(args, todo))
             out = _flatten([out if out is not None else todo])
+            check_generate_output(out, spec)
             for s in out:
                 if s.response_length == 0 and s.response:
                     retokenize_response(args, s)
+            if all(s.response_length == 0 and not s.response for s in out):
+                from slime_ray.plugins import PluginError
+
+                raise PluginError(f"--custom-generate-function-path {spec}: the batch form returned samples with "
+                                  f"no response; set sample.response (text) or append tokens to each sample")
         else:
             kw = {"evaluation": evaluation} if pass_eval and evaluation else {}
-            out = _flatten(list(await asyncio.gather(*(fn(args, s, dict(params), **kw) for s in todo))))
+            results = list(await asyncio.gather(*(fn(args, s, dict(params), **kw) for s in todo)))
+            for r in results:
+                check_generate_output(r, spec)
+            out = _flatten(results)
         return done + out
 
     return run

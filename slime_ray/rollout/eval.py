@@ -105,10 +105,17 @@ class Evaluator:
         from slime_ray.rollout.multi_turn import get_tokenizer
 
         tokenizer = tokenizer or get_tokenizer(args)
-        loaded = {name: load_prompt_data(
-            path, input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key,
-            apply_chat_template=args.apply_chat_template, tokenizer=tokenizer,
-            system_prompt=getattr(args, "system_prompt", None)) for name, path in sets}
+        from slime_ray.data.dataset import DataError
+
+        loaded = {}
+        for name, path in sets:
+            try:
+                loaded[name] = load_prompt_data(
+                    path, input_key=args.input_key, label_key=args.label_key, metadata_key=args.metadata_key,
+                    apply_chat_template=args.apply_chat_template, tokenizer=tokenizer,
+                    system_prompt=getattr(args, "system_prompt", None))
+            except DataError as err:  # name the flag the user actually passed
+                raise DataError(str(err).replace("--prompt-data", f"--eval-prompt-data {name}", 1)) from None
         return cls(args, loaded)
 
     def due(self, rollout_id: int) -> bool:
