@@ -53,8 +53,13 @@ def check_backends(args: Namespace) -> None:
     if args.train_backend == "megatron":
         from slime_ray.train.backends.megatron import check_megatron_available, parallel_sizes
 
+        from slime_ray.args import ConfigError
+
         check_megatron_available()
-        parallel_sizes(args.megatron_args, args.actor_num_nodes * args.actor_num_gpus_per_node)
+        try:
+            parallel_sizes(args.megatron_args, args.actor_num_nodes * args.actor_num_gpus_per_node)
+        except (ValueError, NotImplementedError) as err:
+            raise ConfigError(f"{err} (the training ranks are --actor-num-nodes x --actor-num-gpus-per-node)") from None
 
 
 def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
