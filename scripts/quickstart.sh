@@ -18,7 +18,11 @@ else
 fi
 MLFLOW_URI="sqlite:///$PWD/mlflow.db"
 SUBMISSION_ID="grpo_$(date +%Y%m%d_%H%M%S)"
+job_status() {
+  python -c "from ray.job_submission import JobSubmissionClient as C; print(C('$RAY_ADDRESS').get_job_status('$SUBMISSION_ID').value)" 2>/dev/null
+}
 set +e
+for attempt in 1 2 3 4 5 6 7 8 9 10; do  # a fresh head's job agent can take a while to come up
 ray job submit --submission-id "$SUBMISSION_ID" --working-dir . --runtime-env runtime_env.yaml -- \
   python jobs/grpo.py \
     --hf-checkpoint "$MODEL" \
@@ -28,8 +32,11 @@ ray job submit --submission-id "$SUBMISSION_ID" --working-dir . --runtime-env ru
     --num-rollout 3 --rollout-max-response-len 64 --rollout-temperature 0.7 \
     --advantage-estimator grpo --use-kl-loss --kl-loss-coef 0.001 --lr 1e-6 \
     --mlflow-tracking-uri "$MLFLOW_URI" --run-name "$SUBMISSION_ID" "$@"
+  [ -n "$(job_status)" ] && break
+  echo "job submission not accepted yet (attempt $attempt); retrying in 10 s"; sleep 10
+done
 set -e
-STATUS=$(python -c "from ray.job_submission import JobSubmissionClient as C; print(C('$RAY_ADDRESS').get_job_status('$SUBMISSION_ID').value)" 2>/dev/null || echo UNKNOWN)
+STATUS=$(job_status || echo UNKNOWN)
 echo
 echo "job $SUBMISSION_ID: $STATUS"
 echo "Ray dashboard:  http://127.0.0.1:8265  (source scripts/env.sh && ray job status $SUBMISSION_ID)"
