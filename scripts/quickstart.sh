@@ -13,7 +13,10 @@ echo "model: $MODEL"
 if ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
   echo "using the Ray head already running at 127.0.0.1:6379"
 else
-  ray start --head --port 6379 --num-cpus 4 --dashboard-host 127.0.0.1 --disable-usage-stats >/dev/null \
+  # the job agent's port is picked free: the default (52365) may be held by another local Ray
+  agent_port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  ray start --head --port 6379 --num-cpus 4 --dashboard-host 127.0.0.1 --disable-usage-stats \
+    --dashboard-agent-listen-port "$agent_port" >/dev/null \
     || { echo "ray start failed: is another Ray head on port 6379? stop it with: source scripts/env.sh && ray stop"; exit 1; }
 fi
 MLFLOW_URI="sqlite:///$PWD/mlflow.db"
