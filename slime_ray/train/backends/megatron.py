@@ -349,7 +349,7 @@ class MegatronTrainer(TorchTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         for chunk in (chunks if chunks is not None else self._step_chunks(batch, step)):
-            sums += self._micro_batch_backward(batch.select(chunk), chunk, old_lp, ref_lp, adv, norm).cpu()
+            sums += self._micro_batch_backward(batch.select(chunk), chunk, old_lp, ref_lp, adv, norm)
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -363,6 +363,32 @@ class MegatronTrainer(TorchTrainer):
         out = dict(zip(METRIC_KEYS, self._all_reduce(sums).tolist()))
         out["grad_norm"] = float(grad_norm)
         return out
+
+    def _micro_batch_backward(self, mb: TrainBatch, chunk: list[int], old_lp: torch.Tensor,
+                              ref_lp: torch.Tensor | None, adv: torch.Tensor, norm: dict) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its METRIC_KEYS sums (float64)."""
+        a = self.args
+        width, mask = mb.loss_mask.shape[1], mb.loss_mask
+        lp, ent = self.forward_log_probs(self.model, mb)
+        terms = self._loss_terms(lp, ent, old_lp[chunk, :width], adv[chunk, :width], mask,
+                                 None if ref_lp is None else ref_lp[chunk, :width], mb.rollout_log_probs)
+
+        def agg(x: torch.Tensor) -> torch.Tensor:
+            return algo.aggregate_loss(x, mask, a.loss_agg_mode, **norm)
+
+        loss = agg(terms["pg_loss"])
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * agg(ent)
+        if terms.get("kl") is not None and a.use_kl_loss:
+            loss = loss + a.kl_loss_coef * agg(terms["kl"])
+        loss.backward()
+        with torch.no_grad():
+            vals = {"loss": loss, "pg_loss": agg(terms["pg_loss"]), "pg_clipfrac": agg(terms["clipped"]),
+                    "ppo_kl": agg(terms["ppo_kl"]), "entropy": agg(ent),
+                    "kl_loss": agg(terms["kl"]) if terms.get("kl") is not None else torch.tensor(0.0),
+                    "tis": agg(terms["tis"]), "tis_clipfrac": agg(terms["tis_clipped"]),
+                    "train_rollout_logprob_abs_diff": agg((lp - mb.rollout_log_probs).abs())}
+            return torch.tensor([float(vals[k]) for k in METRIC_KEYS], dtype=torch.float64)
 
     # ------------------------------------------------------------------ weights / checkpoints
     def _gather_tp(self, name: str, shard: torch.Tensor) -> list[torch.Tensor]:
