@@ -17,12 +17,15 @@ ASSETS = Path(__file__).parent / "assets" / "smollm2-135m"
 LLAMA_1P5B = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096,
                   tie_word_embeddings=False, model_type="llama", architectures=["LlamaForCausalLM"])
+# SmolLM2-135M with 8 heads of 72 (4 KV heads) instead of 9 of 64: same size, but TP=2 can split it
+SMOL_TP2 = dict(num_attention_heads=8, num_key_value_heads=4)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
 
 def model_dir(kind: str, out: str | None = None, tiny: bool = False, vocab_size: int | None = None) -> str:
-    """An HF folder with random weights: kind "135m" (SmolLM2-135M config) or "1.5b".
+    """An HF folder with random weights: kind "135m" (SmolLM2-135M config), "135m-tp2" (the same with
+    8 heads / 4 KV heads, so tensor parallelism of 2 can split it) or "1.5b".
 
     ``vocab_size`` overrides the config's (jobs that tokenize with SmolLM2's tokenizer need 49152)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -34,6 +37,8 @@ def model_dir(kind: str, out: str | None = None, tiny: bool = False, vocab_size:
     cfg = json.loads((ASSETS / "config.json").read_text())
     if kind == "1.5b":
         cfg.update(LLAMA_1P5B)
+    elif kind == "135m-tp2":
+        cfg.update(SMOL_TP2)
     if tiny:
         cfg.update(TINY)
     if vocab_size:

@@ -37,9 +37,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 from jobs.{mod} import main
 r = main({argv!r})
 rows = [json.loads(x) for x in open({uri!r}[len("jsonl:"):])]
-ts = [x["timestamp_ms"] for x in sorted((x for x in rows if "train/loss" in x.get("metrics", {{}})), key=lambda x: x["step"])]
+steps = sorted((x for x in rows if "train/loss" in x.get("metrics", {{}})), key=lambda x: x["step"])
+ts = [x["timestamp_ms"] for x in steps]
+perf = [{{k: v for k, v in x["metrics"].items() if k.startswith("perf/")}} for x in steps]
 extra = {{k: v for k, v in r.metrics.items() if k.startswith(("perf/", "rollout/staleness"))}}
-print("BENCH_RESULT " + json.dumps({{"ts": ts, "last": extra}}))
+print("BENCH_RESULT " + json.dumps({{"ts": ts, "last": extra, "perf": perf}}))
 """
 
 
@@ -76,6 +78,25 @@ def per_step_s(ts: list[int]) -> float:
     return (ts[-1] - ts[0]) / 1000.0 / (len(ts) - 1)
 
 
+def breakdown(r: dict) -> dict[str, float]:
+    """Median seconds per steady-state step (steps 1..) of the sync loop: wall time (between the
+    step's metrics and the previous step's), rollout / log-probs / train / sync phases, and other =
+    wall minus the four (driver glue: table building, offload/onload, metric logging, actor calls)."""
+    import statistics as st
+
+    rows = []
+    for i in range(1, len(r["ts"])):
+        p = r["perf"][i]
+        wall = (r["ts"][i] - r["ts"][i - 1]) / 1000.0
+        ph = {k: float(p.get(f"perf/{k}_time", 0.0)) for k in ("rollout", "logprob", "train", "sync")}
+        ph["train"] -= ph["logprob"]  # perf/train_time includes the old/ref log-prob forwards
+        rows.append({"wall": wall, **ph, "other": wall - sum(ph.values())})
+    out = {k: st.median(x[k] for x in rows) for k in rows[0]} if rows else {}
+    if out:
+        out["other_share"] = out["other"] / out["wall"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF folder or 'smollm2-135m-instruct' (default: tiny random model)")
@@ -101,9 +122,14 @@ def main() -> None:
         uri = f"jsonl:{work}/{mod}.jsonl"  # timestamps of train/loss per step; no MLflow needed
         r = run_loop(mod, common + flags + ["--mlflow-tracking-uri", uri], uri)
         results[mod] = (per_step_s(r["ts"]), r["last"])
+        if mod == "grpo":
+            results["breakdown"] = breakdown(r)
         print(f"{mod:>10}: {results[mod][0]:.2f} s/step  (last step: " +
               ", ".join(f"{k}={v:.3g}" for k, v in sorted(r["last"].items())) + ")", flush=True)
     ratio = results["grpo"][0] / results["grpo_async"][0]
+    bd = results["breakdown"]
+    bd_line = " | ".join(f"{k} {v:.3f}" for k, v in bd.items())
+    print(f"sync loop step breakdown (median s, steps 1..): {bd_line}")
     print(f"speed-up sync/async: {ratio:.2f}x")
     cmd = "python bench/async_vs_sync.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     with open(a.results, "a") as f:
@@ -112,7 +138,8 @@ def main() -> None:
                 f"- config: `{' '.join(common[4:])}`\n\n| loop | s/step | \n|---|---|\n"
                 f"| sync (jobs/grpo.py) | {results['grpo'][0]:.2f} |\n"
                 f"| async (jobs/grpo_async.py) | {results['grpo_async'][0]:.2f} |\n"
-                f"| ratio sync/async | {ratio:.2f}x |\n")
+                f"| ratio sync/async | {ratio:.2f}x |\n\n"
+                f"sync loop, one step (median s over steps 1..): {bd_line}\n")
 
 
 if __name__ == "__main__":

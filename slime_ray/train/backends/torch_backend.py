@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,11 @@ class TorchTrainer:
             "train/entropy", "train/grad_norm", ...}``, identical on every rank.
         """
         cached, self._prepared = self._prepared, None
+        t0 = time.perf_counter()
         prep = cached[1] if cached is not None and cached[0] == rollout_id else self._prepare(table, values)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logprob_time = time.perf_counter() - t0  # old/ref log-prob forwards + advantages
         batch = prep["batch"]
         steps = len(batch) // self.args.global_batch_size
         totals: dict[str, float] = {}
@@ -246,7 +251,7 @@ class TorchTrainer:
             for k, v in step_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / steps
         self.step += 1
-        return {f"train/{k}": v for k, v in totals.items()}
+        return {**{f"train/{k}": v for k, v in totals.items()}, "perf/logprob_time": logprob_time}
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Masked whitening over every rank's rows (Bessel-corrected), see ``whiten_advantages``."""
