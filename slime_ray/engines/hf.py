@@ -13,7 +13,10 @@ Implements :class:`slime_ray.engines.base.RolloutEngine` with ``model.generate``
   forward pass on prompt + response with the logits divided by T;
 - on CUDA by default (``compile``): static KV cache + ``torch.compile`` of the decode step,
   with batch / prompt length / new tokens padded to a few shape buckets so varying RL
-  batches compile once per bucket (:mod:`slime_ray.engines.hf_compile`).
+  batches compile once per bucket (:mod:`slime_ray.engines.hf_compile`). The decode loop is
+  then the engine's own (:mod:`slime_ray.engines.hf_decode`: one compiled CUDA-graph step
+  doing forward + sampling + log-prob + stop checks on the device, host checks every few
+  steps) instead of ``generate``; requests with stop *strings* still go through ``generate``.
 
 Text stays consistent with token ids: ``text = decode(output_ids)`` (the stop string and the
 EOS token are kept, like slime's ``no_stop_trim=True``; special tokens are skipped in text).
@@ -36,6 +39,7 @@ from slime_ray.engines.hf_compile import (
     raise_recompile_limit,
     resolve_compile,
 )
+from slime_ray.engines.hf_decode import StaticDecoder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,6 +99,13 @@ class HFEngine(RolloutEngine):
         bucket: pad calls to shape buckets (default: same as ``compile``).
         batch_buckets: batch buckets, e.g. "8,32,64,128,256" (default) or a list of ints.
         compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs).
+        decode_loop: "auto" (the static-cache loop of :mod:`slime_ray.engines.hf_decode` when
+            ``compile`` is on, else ``generate``), "static" (that loop, compiled only with
+            ``compile``), "generate" (transformers ``generate``). Calls with stop strings
+            always use ``generate``.
+
+    Raises:
+        ValueError: unknown ``dtype`` or ``decode_loop``.
 
     Attributes:
         weight_version: version of the loaded weights (0 = as loaded from ``model_path``).
@@ -102,6 +113,9 @@ class HFEngine(RolloutEngine):
         num_generate_calls: number of :meth:`generate` calls served.
         buckets_seen: the (batch, cache length) shapes the model ran with (bucketed or not).
         num_compilations: graphs dynamo compiled during this engine's ``generate`` calls.
+        decode_loop: "static" or "generate" (resolved from the argument).
+        last_decode_stats: timings of the last static-loop chunk (``prefill_ms``,
+            ``decode_ms``, ``decode_steps``, ``ms_per_step``, ``batch``); empty before one.
     """
 
     def __init__(
@@ -116,6 +130,7 @@ class HFEngine(RolloutEngine):
         bucket: bool | None = None,
         batch_buckets: str | list[int] | None = None,
         compile_mode: str = "reduce-overhead",
+        decode_loop: str = "auto",
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -146,6 +161,12 @@ class HFEngine(RolloutEngine):
         self._compile_kwargs = compile_generate_kwargs(compile_mode) if self.compile else {}
         if self.compile:
             raise_recompile_limit()
+        if decode_loop not in ("auto", "static", "generate"):
+            raise ValueError(f"HFEngine: decode_loop must be auto/static/generate, got {decode_loop!r}")
+        self.decode_loop = "static" if decode_loop == "static" or (decode_loop == "auto" and self.compile) else "generate"
+        self._decoder = StaticDecoder(self.model, pad_token_id=self.pad_token_id, compile=self.compile,
+                                      compile_mode=compile_mode) if self.decode_loop == "static" else None
+        self.last_decode_stats: dict[str, float] = {}
         self.buckets_seen: set[tuple[int, int]] = set()
         self.num_compilations = 0
         self.weight_version = 0
@@ -242,7 +263,7 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_chunk(self, real_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One ``model.generate`` call for rows sharing temperature / top_p / top_k."""
+        """One static-loop or ``model.generate`` call for rows sharing temperature / top_p / top_k."""
         from transformers import StoppingCriteriaList
 
         if self._abort.is_set():
@@ -261,6 +282,17 @@ class HFEngine(RolloutEngine):
             torch.manual_seed(int(seed))
         self.buckets_seen.add((len(rows), prompt_len + max_new))
         graphs_before = dynamo_graph_count()
+        if self._decoder is not None and not any(r["stop"] for r in real_rows):
+            res = self._decoder.generate(
+                input_ids, attention_mask,
+                max_new_tokens=[0 if r.get("padding") else r["max_new_tokens"] for r in rows],
+                stop_ids=[r["stop_ids"] for r in rows], active=[not r.get("padding") for r in rows],
+                cache_new_tokens=max_new, temperature=temp, top_p=top_p, top_k=top_k, abort_event=self._abort)
+            self.num_compilations += dynamo_graph_count() - graphs_before
+            self.last_decode_stats = res.stats
+            aborted = res.aborted or self._abort.is_set()
+            return [self._finish(r, res.tokens[i].tolist(), res.log_probs[i].tolist(), aborted)
+                    for i, r in enumerate(real_rows)]
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -391,6 +423,8 @@ class HFEngine(RolloutEngine):
         """Move the weights to CPU and free accelerator memory (no-op on CPU)."""
         if self.device.type != "cpu":
             with self._lock:
+                if self._decoder is not None:
+                    self._decoder.clear()  # the shape buckets' KV caches
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
 
@@ -402,7 +436,7 @@ class HFEngine(RolloutEngine):
 
     def health(self) -> dict[str, Any]:
         """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls",
-        "compile", "num_buckets_seen", "num_compilations"}``."""
+        "compile", "decode_loop", "num_buckets_seen", "num_compilations"}``."""
         return {
             "ok": True,
             "weight_version": self.weight_version,
@@ -410,6 +444,7 @@ class HFEngine(RolloutEngine):
             "max_batch_size_seen": self.max_batch_size_seen,
             "num_generate_calls": self.num_generate_calls,
             "compile": self.compile,
+            "decode_loop": self.decode_loop,
             "num_buckets_seen": len(self.buckets_seen),
             "num_compilations": self.num_compilations,
         }

@@ -1,0 +1,432 @@
+"""Static-cache decode loop of the embedded HF engine (the fast path of :class:`HFEngine`).
+
+transformers' ``generate`` with a static cache and a compiled decode step still pays a few
+milliseconds of Python per step (logits processors, stopping criteria, output bookkeeping),
+and a per-row stopping criterion that reads the last tokens on the host syncs every step.
+:class:`StaticDecoder` replaces it with a loop of its own:
+
+- one :class:`transformers.StaticCache` per shape bucket ``(batch, prompt + new tokens)``,
+  allocated once and reset between calls, so the addresses CUDA graphs captured stay valid;
+- prefill: one eager forward over the left-padded prompts (per-row ``position_ids`` =
+  cumulative sum of the mask - 1) that fills the cache; its last logits give token 0;
+- decode: ONE function per step (:func:`decode_step`) doing the model forward of ``[B, 1]``
+  tokens against a full-length static 2D mask (prompt padding 0, everything else 1; the cache's
+  own position gives causality), ``log_softmax(logits.float() / T)``, sampling, the chosen
+  token's log-prob and the per-row ``done`` update, all on the device. With ``compile`` it
+  runs under ``torch.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")``, i.e.
+  as a CUDA graph replay on GPUs;
+- sampling noise (``Exp(1)``, one kernel per step) is drawn outside the graph into a static
+  buffer from torch's global generator, so ``torch.manual_seed`` makes a call reproducible;
+  token = ``argmax(logits / T - log(noise))`` = a draw from ``softmax(logits / T)``
+  (exponential race). ``top_k`` / ``top_p`` add one sort per step; the RL default (top_p = 1,
+  top_k off) does not sort. Greedy (``T <= 0``) is ``argmax``;
+- tokens and log-probs go into preallocated ``[B, new tokens]`` device buffers; the host reads
+  ``done.all()`` (and the abort flag) only every ``check_every`` steps and copies the buffers
+  once at the end.
+
+Finished rows keep emitting ``pad_token_id`` (log-prob 0); the engine cuts every row at its
+first stop id (included) or its own ``max_new_tokens``.
+
+One graph per (shape bucket, sampling mode), where the mode is greedy / sample / sample with
+top-k or top-p: temperature, top_p and top_k are device tensors, not graph constants.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+GREEDY, SAMPLE, SAMPLE_FILTERED = "greedy", "sample", "sample_filtered"
+_TINY = 1e-30  # noise floor: -log(0) would make a token win whatever its probability
+
+
+def sampling_mode(temperature: float, top_p: float, top_k: int) -> str:
+    """``"greedy"`` (T <= 0), ``"sample"`` (no top-k/top-p) or ``"sample_filtered"``."""
+    if temperature <= 0.0:
+        return GREEDY
+    return SAMPLE_FILTERED if (top_p < 1.0 or top_k > 0) else SAMPLE
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    noise: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and its log-prob at the sampling temperature.
+
+    Args:
+        logits: ``[B, V]`` raw logits (any float dtype; computed in float32).
+        temperature: 0-d float32 tensor T (> 0 unless ``mode == "greedy"``, where it is unused).
+        noise: ``[B, V]`` float32 ``Exp(1)`` draws (unused for greedy).
+        top_p: 0-d float32 tensor (nucleus threshold; used only by ``"sample_filtered"``).
+        top_k: 0-d int64 tensor (<= 0: off; used only by ``"sample_filtered"``).
+        mode: ``"greedy"`` | ``"sample"`` | ``"sample_filtered"``.
+
+    Returns:
+        ``(tokens [B] int64, log_probs [B] float32)``: log-probs are
+        ``log_softmax(logits / T)[token]`` of the *unfiltered* logits (T = 1 for greedy).
+    """
+    x = logits.float()
+    if mode == GREEDY:
+        tokens = x.argmax(-1)
+        logp = torch.log_softmax(x, -1)
+    else:
+        scaled = x / temperature
+        logp = torch.log_softmax(scaled, -1)
+        race = -noise.clamp_min(_TINY).log()  # argmax(scaled + race) ~ softmax(scaled)
+        if mode == SAMPLE:
+            tokens = (scaled + race).argmax(-1)
+        else:
+            vocab = scaled.shape[-1]
+            sorted_s, order = scaled.sort(-1, descending=True)
+            ranks = torch.arange(vocab, device=scaled.device)
+            k = torch.where(top_k > 0, top_k, vocab)
+            sorted_s = sorted_s.masked_fill(ranks >= k, float("-inf"))  # top-k first (as HF)
+            probs = torch.softmax(sorted_s, -1)
+            # nucleus over the top-k set: keep while the mass *before* the token is < top_p
+            # (the first token always stays)
+            sorted_s = sorted_s.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+            pick = (sorted_s + race).argmax(-1)
+            tokens = order.gather(-1, pick[:, None]).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def decode_step(
+    model: torch.nn.Module,
+    cache: Any,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    done: torch.Tensor,
+    last_pos: torch.Tensor,
+    stop_mask: torch.Tensor,
+    temperature: torch.Tensor,
+    noise: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    cache_position: torch.Tensor | None,
+    *,
+    mode: str,
+    pad_token_id: int,
+    cache_kw: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step for ``[B]`` rows, entirely on the device (no host sync).
+
+    Args:
+        model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and a
+            static cache (keyword ``cache_kw``).
+        cache: the bucket's ``StaticCache`` (updated in place).
+        tokens: ``[B]`` int64, the previous step's tokens (fed at ``positions``).
+        positions: ``[B]`` int64 position ids of ``tokens``.
+        attention_mask: ``[B, L]`` int64, L = the cache length (0 on prompt padding).
+        done: ``[B]`` bool, rows already finished (they emit ``pad_token_id``, log-prob 0).
+        last_pos: ``[B]`` int64; a row is done by length once ``positions >= last_pos``.
+        stop_mask: ``[B, V]`` bool, True at each row's stop token ids.
+        temperature, noise, top_p, top_k: see :func:`select_tokens`.
+        cache_position: ``[1]`` int64 cache slot for transformers versions that take
+            ``cache_position``; None where the cache tracks its own length.
+        mode: sampling mode (graph constant).
+        pad_token_id: token emitted by finished rows (graph constant).
+        cache_kw: the model's keyword for the cache ("cache" or "past_key_values").
+
+    Returns:
+        ``(tokens [B] int64, log_probs [B] float32, done [B] bool)`` after this step.
+    """
+    kwargs = {cache_kw: cache}
+    if cache_position is not None:
+        kwargs["cache_position"] = cache_position
+    out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
+                use_cache=True, **kwargs)
+    new_tokens, logp = select_tokens(out.logits[:, -1], temperature, noise, top_p, top_k, mode)
+    new_tokens = torch.where(done, pad_token_id, new_tokens)
+    logp = torch.where(done, 0.0, logp)
+    hit_stop = stop_mask.gather(1, new_tokens[:, None]).squeeze(1)
+    return new_tokens, logp, done | hit_stop | (positions >= last_pos)
+
+
+def make_static_cache(model: torch.nn.Module, batch: int, max_len: int, device: torch.device,
+                      dtype: torch.dtype) -> Any:
+    """A ``transformers.StaticCache`` of ``batch`` rows x ``max_len`` tokens for ``model``.
+
+    Handles both constructor styles (transformers 5: ``config, max_cache_len``, allocated at
+    the first update; 4.x: also ``max_batch_size``, ``device``, ``dtype``).
+    """
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    kw: dict[str, Any] = {"config": model.config, "max_cache_len": max_len}
+    for name, value in (("max_batch_size", batch), ("batch_size", batch), ("device", device), ("dtype", dtype)):
+        if name in params:
+            kw[name] = value
+    return StaticCache(**kw)
+
+
+def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
+    """(the forward's cache keyword, whether it takes ``cache_position``)."""
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "cache_position" in params
+
+
+@dataclass
+class _Slot:
+    """Everything allocated once per shape bucket (static addresses for CUDA graphs)."""
+
+    cache: Any
+    mask: torch.Tensor  # [B, L] int64
+    tokens: torch.Tensor  # [B] int64 (decode input)
+    positions: torch.Tensor  # [B] int64
+    done: torch.Tensor  # [B] bool
+    last_pos: torch.Tensor  # [B] int64
+    stop_mask: torch.Tensor  # [B, V] bool
+    noise: torch.Tensor  # [B, V] float32
+    temperature: torch.Tensor  # 0-d float32
+    top_p: torch.Tensor  # 0-d float32
+    top_k: torch.Tensor  # 0-d int64
+    cache_position: torch.Tensor  # [1] int64
+    out_tokens: torch.Tensor  # [B, max_new] int64
+    out_logp: torch.Tensor  # [B, max_new] float32
+
+
+@dataclass
+class DecodeResult:
+    """Output of :meth:`StaticDecoder.generate` (host tensors).
+
+    Attributes:
+        tokens: ``[B, n]`` int64, n = tokens produced per row (finished rows padded).
+        log_probs: ``[B, n]`` float32 (0 after a row finished).
+        aborted: the abort event ended the loop early.
+        stats: ``prefill_ms``, ``decode_ms``, ``decode_steps``, ``ms_per_step``.
+    """
+
+    tokens: torch.Tensor
+    log_probs: torch.Tensor
+    aborted: bool
+    stats: dict[str, float]
+
+
+class StaticDecoder:
+    """Static-KV-cache generation loop for one model (see the module docstring).
+
+    Args:
+        model: a transformers causal LM (eval mode, on its device).
+        pad_token_id: token fed/emitted after a row finished and on prompt padding.
+        compile: run :func:`decode_step` under ``torch.compile``.
+        compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs on CUDA).
+        compile_options: extra ``torch.compile`` kwargs (e.g. ``{"backend": "aot_eager"}``).
+        check_every: decode steps between host checks of ``done.all()`` and the abort event.
+        max_slots: shape buckets whose caches are kept (least recently used evicted).
+
+    Not thread-safe: the engine serialises calls under its lock.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        pad_token_id: int,
+        compile: bool = False,
+        compile_mode: str = "reduce-overhead",
+        compile_options: dict[str, Any] | None = None,
+        check_every: int = 8,
+        max_slots: int = 16,
+    ):
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+        self.check_every = max(1, int(check_every))
+        self.max_slots = max(1, int(max_slots))
+        self.compile = bool(compile)
+        self._cache_kw, self._takes_cache_position = _forward_kwargs(model)
+        self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
+        self._step: Callable = decode_step
+        if self.compile:
+            opts = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
+            if "backend" not in opts or opts["backend"] == "inductor":
+                opts["mode"] = compile_mode
+            self._step = torch.compile(decode_step, **opts)
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_slots(self) -> int:
+        """Shape buckets with an allocated cache."""
+        return len(self._slots)
+
+    def clear(self) -> None:
+        """Drop every bucket's cache and buffers (frees accelerator memory)."""
+        self._slots.clear()
+
+    def _slot(self, batch: int, cache_len: int, max_new: int) -> _Slot:
+        key = (batch, cache_len, max_new)
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+            slot.cache.reset()
+            return slot
+        while len(self._slots) >= self.max_slots:
+            self._slots.popitem(last=False)
+        dev, dtype = self.device, next(self.model.parameters()).dtype
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        z = lambda *shape, dt: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+        slot = _Slot(
+            cache=make_static_cache(self.model, batch, cache_len, dev, dtype),
+            mask=z(batch, cache_len, dt=torch.long), tokens=z(batch, dt=torch.long),
+            positions=z(batch, dt=torch.long), done=z(batch, dt=torch.bool), last_pos=z(batch, dt=torch.long),
+            stop_mask=z(batch, vocab, dt=torch.bool), noise=torch.ones(batch, vocab, dtype=torch.float32, device=dev),
+            temperature=torch.ones((), dtype=torch.float32, device=dev), top_p=torch.ones((), dtype=torch.float32, device=dev),
+            top_k=z(dt=torch.long), cache_position=z(1, dt=torch.long),
+            out_tokens=z(batch, max_new, dt=torch.long), out_logp=z(batch, max_new, dt=torch.float32),
+        )
+        if dev.type == "cuda":  # the compiled step reads these in place: no copy per graph replay
+            for t in (slot.mask, slot.tokens, slot.positions, slot.done, slot.last_pos, slot.stop_mask,
+                      slot.noise, slot.temperature, slot.top_p, slot.top_k, slot.cache_position):
+                torch._dynamo.mark_static_address(t)
+        self._slots[key] = slot
+        return slot
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: list[int],
+        stop_ids: list[set[int] | list[int]],
+        active: list[bool],
+        cache_new_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        abort_event: threading.Event | None = None,
+    ) -> DecodeResult:
+        """Generate for ``B`` left-padded prompts sharing temperature / top_p / top_k.
+
+        Args:
+            input_ids: ``[B, P]`` int64 prompts, left-padded (any device).
+            attention_mask: ``[B, P]`` int64, 1 on prompt tokens, 0 on left padding.
+            max_new_tokens: per row, the most new tokens (>= 0).
+            stop_ids: per row, the token ids that end it (the stop token is emitted).
+            active: per row; False rows (bucket padding) are done from the start.
+            cache_new_tokens: new-token capacity of the cache (the bucket; >= max(max_new_tokens)).
+            temperature: <= 0 for greedy; else the sampling temperature.
+            top_p: nucleus threshold (1 = off).
+            top_k: top-k (<= 0 = off).
+            abort_event: when set, the loop ends at its next check (every ``check_every`` steps).
+
+        Returns:
+            :class:`DecodeResult` with ``[B, n]`` host tensors, n <= max(max_new_tokens).
+
+        Raises:
+            ValueError: mismatched lengths, or ``cache_new_tokens`` < max(max_new_tokens).
+        """
+        batch, prompt_len = input_ids.shape
+        if not (len(max_new_tokens) == len(stop_ids) == len(active) == batch) or attention_mask.shape != input_ids.shape:
+            raise ValueError("StaticDecoder.generate: per-row arguments must all have B entries")
+        n_max = max(max_new_tokens)
+        if n_max > cache_new_tokens:
+            raise ValueError(f"StaticDecoder.generate: max_new_tokens {n_max} > cache_new_tokens {cache_new_tokens}")
+        mode = sampling_mode(temperature, top_p, top_k)
+        dev = self.device
+        cuda = dev.type == "cuda"
+        slot = self._slot(batch, prompt_len + cache_new_tokens, cache_new_tokens)
+        t_start = time.perf_counter()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else []
+        if cuda:
+            ev[0].record()
+
+        # ---- per-call state (in place: static addresses)
+        prompt_mask = attention_mask.to(dev, torch.long)
+        slot.mask.fill_(1)
+        slot.mask[:, :prompt_len].copy_(prompt_mask)
+        row_len = prompt_mask.sum(-1)  # [B]
+        limits = torch.tensor(max_new_tokens, dtype=torch.long).to(dev)
+        slot.last_pos.copy_(row_len + limits - 2)
+        slot.stop_mask.zero_()
+        vocab = slot.stop_mask.shape[1]
+        rows = [i for i, ids in enumerate(stop_ids) for t in ids if 0 <= int(t) < vocab]
+        cols = [int(t) for ids in stop_ids for t in ids if 0 <= int(t) < vocab]
+        if rows:
+            slot.stop_mask[torch.tensor(rows).to(dev), torch.tensor(cols).to(dev)] = True
+        slot.temperature.fill_(temperature if mode != GREEDY else 1.0)
+        slot.top_p.fill_(max(float(top_p), 1e-6))
+        slot.top_k.fill_(int(top_k))
+        slot.out_tokens.fill_(self.pad_token_id)
+        slot.out_logp.zero_()
+        not_active = torch.tensor([not a for a in active], dtype=torch.bool).to(dev)
+
+        # ---- prefill (eager): fills the cache, gives token 0
+        positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs = {self._cache_kw: slot.cache}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = torch.arange(prompt_len, device=dev)
+        out = self.model(input_ids=input_ids.to(dev), attention_mask=slot.mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        if mode != GREEDY:
+            slot.noise.exponential_()
+        tok, logp = select_tokens(out.logits[:, -1], slot.temperature, slot.noise, slot.top_p, slot.top_k, mode)
+        del out
+        tok = torch.where(not_active, self.pad_token_id, tok)
+        done = not_active | slot.stop_mask.gather(1, tok[:, None]).squeeze(1) | (limits <= 1)
+        slot.out_tokens[:, 0].copy_(tok)
+        slot.out_logp[:, 0].copy_(torch.where(not_active, 0.0, logp))
+        slot.tokens.copy_(tok)
+        slot.positions.copy_(row_len)
+        slot.done.copy_(done)
+        slot.cache_position.fill_(prompt_len)
+        if cuda:
+            ev[1].record()
+        t_prefill = time.perf_counter()
+
+        # ---- decode loop: no host sync except every `check_every` steps
+        n = 1
+        aborted = False
+        while n < n_max:
+            if n % self.check_every == 1 or self.check_every == 1:
+                if abort_event is not None and abort_event.is_set():
+                    aborted = True
+                    break
+                if bool(slot.done.all()):
+                    break
+            if mode != GREEDY:
+                slot.noise.exponential_()
+            if cuda and self.compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            tok, logp, done = self._step(
+                self.model, slot.cache, slot.tokens, slot.positions, slot.mask, slot.done, slot.last_pos,
+                slot.stop_mask, slot.temperature, slot.noise, slot.top_p, slot.top_k,
+                slot.cache_position if self._takes_cache_position else None,
+                mode=mode, pad_token_id=self.pad_token_id, cache_kw=self._cache_kw)
+            # copy out before the next replay overwrites the graph's outputs
+            slot.out_tokens[:, n].copy_(tok)
+            slot.out_logp[:, n].copy_(logp)
+            slot.tokens.copy_(tok)
+            slot.done.copy_(done)
+            slot.positions.add_(1)
+            if self._takes_cache_position:
+                slot.cache_position.add_(1)
+            n += 1
+        if cuda:
+            ev[2].record()
+        tokens, logps = slot.out_tokens[:, :n].cpu(), slot.out_logp[:, :n].cpu()  # the one sync
+        if abort_event is not None and abort_event.is_set() and not bool(slot.done.all()):
+            aborted = True
+        if cuda:
+            prefill_ms, decode_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
+        else:
+            prefill_ms, decode_ms = (t_prefill - t_start) * 1e3, (time.perf_counter() - t_prefill) * 1e3
+        steps = n - 1
+        self.last_stats = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_steps": float(steps),
+                           "ms_per_step": decode_ms / steps if steps else 0.0, "batch": float(batch)}
+        return DecodeResult(tokens, logps, aborted, dict(self.last_stats))

@@ -1,0 +1,158 @@
+"""HFEngine's static-cache decode loop (slime_ray.engines.hf_decode) on CPU vs the generate path."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from slime_ray.engines.hf import HFEngine
+from slime_ray.engines.hf_compile import dynamo_graph_count
+from slime_ray.engines.hf_decode import StaticDecoder
+from slime_ray.testing import make_tiny_model_dir
+
+PROMPTS = ["What is 3 + 4?", "Tom has 12 apples and buys 7 more. How many", "hi", "Compute 6 * 9."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny_decode")))
+
+
+@pytest.fixture(scope="module")
+def gen(model_dir):
+    return HFEngine(model_dir)  # CPU default: generate path, no buckets
+
+
+@pytest.fixture(scope="module")
+def static(model_dir):
+    return HFEngine(model_dir, decode_loop="static", bucket=True, batch_buckets="2,8")
+
+
+def _req(engine, text, **sp):
+    return {"input_ids": engine.tokenizer.encode(text), "sampling_params": sp, "return_logprob": True}
+
+
+def _trainer_log_probs(model, prompt_ids, output_ids, temperature):
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature  # [R, V]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None]).squeeze(-1)
+
+
+def test_modes_resolved(gen, static, model_dir):
+    assert gen.decode_loop == "generate" and gen._decoder is None and not gen.compile
+    assert static.decode_loop == "static" and not static.compile and static.health()["decode_loop"] == "static"
+    with pytest.raises(ValueError, match="decode_loop"):
+        HFEngine(model_dir, decode_loop="fast")
+
+
+def test_greedy_ids_equal_generate_path(gen, static):
+    base = gen.generate([_req(gen, PROMPTS[0], temperature=0.0, max_new_tokens=16)])[0]
+    stop_id = base["output_ids"][6]
+    reqs = [
+        _req(gen, PROMPTS[0], temperature=0.0, max_new_tokens=16, stop_token_ids=[stop_id]),
+        _req(gen, PROMPTS[1], temperature=0.0, max_new_tokens=20),
+        _req(gen, PROMPTS[2], temperature=0.0, max_new_tokens=5),
+        _req(gen, PROMPTS[3], temperature=0.0, max_new_tokens=11, stop_token_ids=[stop_id]),
+    ]
+    ref, out = gen.generate(reqs), static.generate(reqs)
+    for r, a, b in zip(reqs, ref, out):
+        assert b["output_ids"] == a["output_ids"] and b["finish_reason"] == a["finish_reason"]
+        assert len(b["output_log_probs"]) == len(b["output_ids"]) == b["completion_tokens"]
+        assert max(abs(x - y) for x, y in zip(a["output_log_probs"], b["output_log_probs"])) < 1e-4
+        assert len(b["output_ids"]) <= r["sampling_params"]["max_new_tokens"]
+    first = base["output_ids"].index(stop_id)
+    assert out[0]["finish_reason"] == "stop" and out[0]["output_ids"] == base["output_ids"][: first + 1]
+    assert out[1]["finish_reason"] == "length" and len(out[1]["output_ids"]) == 20
+    assert out[2]["finish_reason"] == "length" and len(out[2]["output_ids"]) == 5
+    assert static.last_decode_stats["decode_steps"] == 19 and static.last_decode_stats["batch"] == 8
+
+
+@pytest.mark.parametrize("sp", [{"temperature": 0.7}, {"temperature": 1.0},
+                                {"temperature": 1.3, "top_p": 0.9, "top_k": 20}])
+def test_sampled_log_probs_match_trainer_forward(static, sp):
+    reqs = [_req(static, p, max_new_tokens=n, **sp) for p, n in zip(PROMPTS, (24, 9, 30, 17))]
+    out = static.generate(reqs)
+    for r, o in zip(reqs, out):
+        assert 0 < len(o["output_log_probs"]) == len(o["output_ids"]) <= r["sampling_params"]["max_new_tokens"]
+        ref = _trainer_log_probs(static.model, r["input_ids"], o["output_ids"], sp["temperature"])
+        assert (ref - torch.tensor(o["output_log_probs"])).abs().max().item() < 1e-4
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(gen, static):
+    greedy = gen.generate([_req(gen, p, temperature=0.0, max_new_tokens=12) for p in PROMPTS[:2]])
+    for sp in ({"top_k": 1}, {"top_p": 1e-4}):
+        out = static.generate([_req(static, p, temperature=0.8, max_new_tokens=12, **sp) for p in PROMPTS[:2]])
+        assert [o["output_ids"] for o in out] == [o["output_ids"] for o in greedy]
+
+
+def test_model_eos_included(model_dir, gen):
+    base = gen.generate([_req(gen, PROMPTS[1], temperature=0.0, max_new_tokens=10)])[0]
+    eos = base["output_ids"][4]
+    eng = HFEngine(model_dir, eos_token_ids=[eos], decode_loop="static")
+    out = eng.generate([_req(eng, PROMPTS[1], temperature=0.0, max_new_tokens=10)])[0]
+    k = base["output_ids"].index(eos)
+    assert out["finish_reason"] == "stop" and out["output_ids"] == base["output_ids"][: k + 1]
+    assert eng.last_decode_stats["decode_steps"] < 9  # the loop ended once every row was done
+
+
+def test_bucket_reuse_and_padding_rows_dropped(static):
+    reqs = [_req(static, p, temperature=0.0, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 20, 7, 3))]
+    a = static.generate(reqs[:3])  # 3 rows -> batch bucket 8
+    seen, slots = set(static.buckets_seen), static._decoder.num_slots
+    b = static.generate(reqs)  # 4 rows -> the same bucket: same cache, reset
+    assert len(a) == 3 and len(b) == 4 and static.buckets_seen == seen and static._decoder.num_slots == slots
+    assert (8, 128) in seen
+    assert [o["output_ids"] for o in b[:3]] == [o["output_ids"] for o in a]
+    assert [len(o["output_ids"]) for o in b] == [12, 20, 7, 3]
+
+
+def test_seeded_sampling_reproducible(static):
+    req = _req(static, PROMPTS[0], temperature=1.0, max_new_tokens=20, seed=7)
+    a = static.generate([req])[0]
+    b = static.generate([_req(static, PROMPTS[1], temperature=1.0, max_new_tokens=5), req])[1]
+    assert a["output_ids"] == b["output_ids"]
+
+
+def test_stop_strings_use_generate_path(gen, static):
+    base = gen.generate([_req(gen, PROMPTS[2], temperature=0.0, max_new_tokens=16)])[0]
+    stop = base["text"][len(base["text"]) // 2 :][:2]
+    req = _req(gen, PROMPTS[2], temperature=0.0, max_new_tokens=16, stop=[stop])
+    static.last_decode_stats = {}
+    assert static.generate([req]) == gen.generate([req])
+    assert static.last_decode_stats == {}  # the static loop did not run
+
+
+def test_abort_ends_loop(static):
+    dec = static._decoder
+    ids = torch.tensor([static.tokenizer.encode(PROMPTS[0])])
+    ev = threading.Event()
+    ev.set()
+    res = dec.generate(ids, torch.ones_like(ids), max_new_tokens=[30], stop_ids=[set()], active=[True],
+                       cache_new_tokens=64, temperature=1.0, abort_event=ev)
+    assert res.aborted and res.tokens.shape == (1, 1) and res.log_probs.dtype == torch.float32
+    with pytest.raises(ValueError, match="cache_new_tokens"):
+        dec.generate(ids, torch.ones_like(ids), max_new_tokens=[65], stop_ids=[set()], active=[True],
+                     cache_new_tokens=64, temperature=1.0)
+
+
+def test_compiled_step_one_graph_per_bucket_and_mode(model_dir, static):
+    """The step traces with fullgraph=True (aot_eager: no C++ compiler needed, fast)."""
+    eng = HFEngine(model_dir, decode_loop="static", bucket=True, batch_buckets="2,8")
+    eng._decoder = StaticDecoder(eng.model, pad_token_id=eng.pad_token_id, compile=True,
+                                 compile_options={"backend": "aot_eager"})
+    reqs = [_req(eng, p, temperature=0.0, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 20, 7, 3))]
+    g0 = dynamo_graph_count()
+    out = eng.generate(reqs[:3])
+    assert dynamo_graph_count() - g0 == eng.num_compilations == 1
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in static.generate(reqs[:3])]
+    eng.generate(reqs)  # 4 rows: same bucket, same mode -> no new graph
+    assert eng.num_compilations == 1
+    torch.manual_seed(3)
+    sampled = eng.generate([_req(eng, p, temperature=0.9, max_new_tokens=10) for p in PROMPTS])
+    torch.manual_seed(3)
+    ref = static.generate([_req(eng, p, temperature=0.9, max_new_tokens=10) for p in PROMPTS])
+    assert [o["output_ids"] for o in sampled] == [o["output_ids"] for o in ref]
+    assert eng.num_compilations == 2  # one more for the sampling mode
