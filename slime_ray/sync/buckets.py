@@ -68,13 +68,48 @@ def plan_buckets(shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
     return out
 
 
-def flatten(tensors: list[torch.Tensor], meta: BucketMeta, device: torch.device | str) -> torch.Tensor:
-    """One new contiguous [numel] buffer of ``meta``'s dtype on ``device`` holding ``tensors``."""
-    flat = torch.empty(meta.numel, dtype=meta.torch_dtype, device=device)
-    off = 0
-    for t, n in zip(tensors, meta.numels):
-        flat[off: off + n].copy_(t.reshape(-1))
+def bucket_views(flat: torch.Tensor, meta: BucketMeta) -> list[torch.Tensor]:
+    """Views of ``flat`` (a 1-D buffer of at least ``meta.numel`` elements) shaped as ``meta``'s
+    tensors, in order (no copy).
+
+    Raises:
+        ValueError: ``flat`` is not 1-D or has fewer than ``meta.numel`` elements.
+    """
+    if flat.dim() != 1 or flat.numel() < meta.numel:
+        raise ValueError(f"bucket_views: need a 1-D buffer of >= {meta.numel} elements, got {tuple(flat.shape)}")
+    out, off = [], 0
+    for shape, n in zip(meta.shapes, meta.numels):
+        out.append(flat[off: off + n].view(shape))
         off += n
+    return out
+
+
+def copy_into(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dsts[i].copy_(srcs[i])`` for all i (casting dtype, any device), as few kernels as possible.
+
+    Pairs are grouped by (devices, dtypes, contiguity): each same-device group is one
+    ``torch._foreach_copy_`` (on CUDA one multi-tensor kernel per ~100 tensors, casting on the
+    fly, when sources and destinations are contiguous; per-tensor copies otherwise, same
+    result); cross-device pairs are plain ``copy_``. Shapes must match.
+    """
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(dsts, srcs):
+        g = groups.setdefault((s.device, s.dtype, d.device, d.dtype, s.is_contiguous() and d.is_contiguous()), ([], []))
+        g[0].append(d)
+        g[1].append(s)
+    for (s_dev, _, d_dev, _, _), (d, s) in groups.items():
+        if s_dev == d_dev:
+            torch._foreach_copy_(d, s)
+        else:  # across devices: plain copies (no mixed-device foreach)
+            for dt, st in zip(d, s):
+                dt.copy_(st)
+
+
+def flatten(tensors: list[torch.Tensor], meta: BucketMeta, device: torch.device | str) -> torch.Tensor:
+    """One new contiguous [meta.numel] buffer of ``meta``'s dtype on ``device`` holding ``tensors``
+    (shapes as ``meta.shapes``, any dtype/device; cast on copy)."""
+    flat = torch.empty(meta.numel, dtype=meta.torch_dtype, device=device)
+    copy_into(bucket_views(flat, meta), [t.reshape(s) for t, s in zip(tensors, meta.shapes)])
     return flat
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from slime_ray.sync import transport
-from slime_ray.sync.buckets import BucketMeta, flatten, plan_buckets
+from slime_ray.sync.buckets import BucketMeta, bucket_views, copy_into, flatten, plan_buckets
 
 
 def _named_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -48,6 +48,10 @@ class WeightSender:
         self._held: list[torch.Tensor] = []  # IPC buckets alive until the engine has copied them
         self.group: Any = None
         self.group_rank = -1
+        self._buffers: list[torch.Tensor] = []  # the two persistent broadcast buffers
+        self._views: tuple | None = None  # (plan, per slot and bucket: views of the slot's buffer)
+        self._where: tuple | None = None  # (plan, name -> (module, key) or None)
+        self._side: Any = None  # CUDA side stream of the bucket fills
 
     def plan(self) -> list[BucketMeta]:
         """The bucket layout (same on every rank; no communication)."""
@@ -87,15 +91,136 @@ class WeightSender:
         self.group_rank = 0
 
     def broadcast_all(self, metas: list[BucketMeta]) -> int:
-        """Broadcast every bucket from this rank (group rank 0); other trainer ranks (FSDP) call it
-        too with no group, to take part in the gathers. Returns bytes sent."""
-        sent = 0
-        for meta in metas:
-            flat = self.bucket(meta)
-            if self.group is not None:
-                transport.broadcast(self.group, flat, root=0)
+        """Broadcast every bucket of ``metas`` from this rank (group rank 0); other trainer ranks
+        (FSDP) call it too with no group, to take part in the gathers. Returns bytes sent.
+
+        Buckets are built in two persistent flat buffers of ``max(meta.numel)`` elements of the
+        wire dtype on ``device`` (allocated on the first call, reused after; 2 x the bucket size
+        of memory, whatever the model size). On CUDA with plain (non-DTensor) parameters bucket
+        i+1 is filled (``torch._foreach_copy_``, fp32 -> wire dtype) on a side stream while bucket
+        i is broadcast; CUDA events order fill -> broadcast of a buffer and broadcast -> refill of
+        the same buffer. Under FSDP2 (DTensor parameters, ``full_tensor`` is a collective) and on
+        CPU (gloo) buckets are built and sent one after the other on the current stream.
+
+        Raises:
+            KeyError: a name of ``metas`` that the model does not have.
+        """
+        if not metas:
+            return 0
+        srcs = self._sources(metas)
+        fsdp = any(hasattr(t, "full_tensor") for ts in srcs for t in ts)
+        if self.group is None and not fsdp:
+            return 0  # nothing to gather, nothing to send
+        slots = self._slots(metas) if self.group is not None else None
+        use_side = self.device.type == "cuda" and not fsdp and self.group is not None
+        with torch.no_grad():
+            if use_side:
+                return self._broadcast_pipelined(metas, srcs, slots)
+            sent = 0
+            for i, (meta, ts) in enumerate(zip(metas, srcs)):
+                ts = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in ts]  # FSDP: every rank
+                if self.group is None:
+                    continue
+                copy_into(slots[i % 2][i], ts)
+                transport.broadcast(self.group, self._buffers[i % 2][: meta.numel], root=0)
                 sent += meta.nbytes
+            return sent
+
+    def _broadcast_pipelined(self, metas: list[BucketMeta], srcs: list[list[torch.Tensor]],
+                             slots: list[list[list[torch.Tensor]]]) -> int:
+        """CUDA, plain parameters: fill of bucket i+1 (side stream) overlaps broadcast of bucket i."""
+        cur = torch.cuda.current_stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self.device)
+        side = self._side
+        side.wait_stream(cur)  # the fills read the parameters as the optimizer left them
+        free: list[Any] = [None, None]  # event: the last broadcast out of slot k is done
+        sent = 0
+        for i, meta in enumerate(metas):
+            k = i % 2
+            with torch.cuda.stream(side):
+                if free[k] is not None:
+                    side.wait_event(free[k])  # do not overwrite a buffer NCCL is still reading
+                copy_into(slots[k][i], srcs[i])
+                filled = side.record_event()
+            cur.wait_event(filled)  # the NCCL stream waits for the current stream, hence the fill
+            transport.broadcast(self.group, self._buffers[k][: meta.numel], root=0)
+            free[k] = cur.record_event()  # after work.wait(): the broadcast of slot k is done
+            sent += meta.nbytes
+        cur.wait_stream(side)
         return sent
+
+    def _sources(self, metas: list[BucketMeta]) -> list[list[torch.Tensor]]:
+        """The model's tensors of each bucket, in plan order (parameters or buffers, possibly DTensors).
+
+        Looked up through ``module._parameters`` / ``_buffers`` (the (module, key) pairs are
+        resolved once per plan), so a replaced parameter object is still found; names that do
+        not resolve that way (wrapper prefixes hidden by state-dict hooks) come from
+        ``state_dict()`` on every call.
+        """
+        key = tuple(metas)
+        if self._where is None or self._where[0] != key:
+            where: dict[str, tuple[Any, str] | None] = {}
+            for meta in metas:
+                for name in meta.names:
+                    mod_name, _, attr = name.rpartition(".")
+                    try:
+                        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+                    except AttributeError:
+                        mod = None
+                    ok = mod is not None and (attr in mod._parameters or attr in mod._buffers)
+                    where[name] = (mod, attr) if ok else None
+            self._where = (key, where)
+        where = self._where[1]
+        state = None
+        out = []
+        for meta in metas:
+            ts = []
+            for name in meta.names:
+                loc = where[name]
+                t = None
+                if loc is not None:
+                    mod, attr = loc
+                    t = mod._parameters.get(attr)
+                    if t is None:
+                        t = mod._buffers.get(attr)
+                if t is None:
+                    if state is None:
+                        state = dict(_named_params(self.model))
+                    if name not in state:
+                        raise KeyError(f"WeightSender: the model has no tensor {name!r} of the bucket plan")
+                    t = state[name]
+                ts.append(t)  # used under no_grad only
+            out.append(ts)
+        return out
+
+    def _slots(self, metas: list[BucketMeta]) -> list[list[list[torch.Tensor]]]:
+        """Per slot (0, 1) and bucket: views of that slot's persistent buffer shaped as the bucket.
+
+        The two buffers (``max(meta.numel)`` elements of the wire dtype) and the views are cached
+        for the plan; a plan needing more room reallocates them.
+        """
+        key = tuple(metas)
+        if self._views is not None and self._views[0] == key:
+            return self._views[1]
+        need = max(m.numel for m in metas)
+        dtype = metas[0].torch_dtype
+        if any(m.torch_dtype != dtype for m in metas):
+            raise ValueError("WeightSender: a bucket plan of mixed dtypes")
+        if not self._buffers or self._buffers[0].numel() < need or self._buffers[0].dtype != dtype:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # old buffers idle before freeing
+            self._buffers = []
+            self._buffers = [torch.empty(need, dtype=dtype, device=self.device) for _ in range(2)]
+        views = [[bucket_views(buf, m) for m in metas] for buf in self._buffers]
+        self._views = (key, views)
+        return views
+
+    def free_buffers(self) -> None:
+        """Drop the persistent broadcast buffers (reallocated by the next :meth:`broadcast_all`)."""
+        if self.device.type == "cuda" and self._buffers:
+            torch.cuda.current_stream(self.device).synchronize()
+        self._buffers, self._views = [], None
 
 
 def sender_for(trainer: Any) -> WeightSender:
