@@ -1,8 +1,8 @@
-"""Weight transports (slime_ray.sync): bucket planning, transport choice, broadcast over gloo."""
+"""Weight transports (slime_ray.sync): bucket planning, transport choice, broadcast over gloo
+(zero-copy into HFEngine's re-laid-out parameters, and the copy path)."""
 
 import os
 import socket
-import tempfile
 
 import pytest
 import torch
@@ -10,15 +10,6 @@ import torch.multiprocessing as mp
 
 from slime_ray.sync import choose_transport
 from slime_ray.sync.buckets import flatten, plan_buckets, unflatten
-
-
-def _tiny_llama(seed):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 class _Engine:  # what the receiver needs of an engine
@@ -54,33 +45,144 @@ def test_choose_transport():
         choose_transport("cuda_ipc", use_gpu=True, colocate=False)
 
 
-def _worker(rank, port, out):
+# ---------------------------------------------------------------- zero-copy receive (HFEngine)
+BUF = 64 * 1024  # bytes per bucket: several buckets for the tiny model
+
+
+def _plan(model, dtype=torch.float32):
+    from slime_ray.sync.sender import WeightSender
+
+    return WeightSender(model, dtype, BUF, torch.device("cpu")).plan()
+
+
+def _tied(model):
+    return model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()
+
+
+def _zero_copy_worker(rank, port, out, dirs):
+    from transformers import AutoModelForCausalLM
+
+    from slime_ray.engines.hf import HFEngine
     from slime_ray.sync.receiver import dispatch
     from slime_ray.sync.sender import WeightSender
 
+    torch.set_num_threads(1)
     if rank == 0:
-        s = WeightSender(_tiny_llama(1), torch.float32, 4096, torch.device("cpu"))
+        model = AutoModelForCausalLM.from_pretrained(dirs["b"], dtype=torch.float32)
+        s = WeightSender(model, torch.float32, BUF, torch.device("cpu"))
         metas = s.plan()
         s.init_group("127.0.0.1", port, 2, "g")
-        torch.save(len(metas), os.path.join(out, "n.pt"))
         s.broadcast_all(metas)
+        ptrs1 = [b.data_ptr() for b in s._buffers]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-0.5).add_(0.01)
+        model.save_pretrained(dirs["c"])  # the new weights, for a fresh engine (tokenizer already there)
+        s.broadcast_all(metas)
+        s.broadcast_all(metas)  # 3rd: to an engine without update_weights_in_place (copy path)
+        torch.save({"state": model.state_dict(), "ptrs": (ptrs1, [b.data_ptr() for b in s._buffers]),
+                    "n": len(metas)}, os.path.join(out, "s.pt"))
     else:
-        eng = _Engine(_tiny_llama(2))
+        eng = HFEngine(dirs["a"])
         dispatch(eng, "init_weights_update_group", "127.0.0.1", port, 1, 2, "g")
-        metas = WeightSender(_tiny_llama(3), torch.float32, 4096, torch.device("cpu")).plan()
-        dispatch(eng, "update_weights_from_distributed", metas, 7, "g")
-        torch.save({"state": eng.model.state_dict(), "version": eng.weight_version}, os.path.join(out, "r.pt"))
+        metas = _plan(eng.model)
+        seen = []
+        for version in (7, 8):
+            dispatch(eng, "update_weights_from_distributed", metas, version, "g")
+            lay = eng._flat_layout
+            seen.append({"version": eng.weight_version, "tied": _tied(eng.model),
+                         "bufs": [b.data_ptr() for b in lay.buffers],
+                         "params": {n: t.data_ptr() for n, t in eng.model.state_dict().items()},
+                         "state": {n: t.clone() for n, t in eng.model.state_dict().items()}})
+        req = {"input_ids": [5, 9, 14, 3], "sampling_params": {"temperature": 0.0, "max_new_tokens": 8}}
+        plain = _Engine(AutoModelForCausalLM.from_pretrained(dirs["a"], dtype=torch.float32))
+        plain._weight_groups = eng._weight_groups  # same group, copy path
+        dispatch(plain, "update_weights_from_distributed", metas, 9, "g")
+        torch.save({"seen": seen, "gen": eng.generate([req])[0],
+                    "plain": {"version": plain.weight_version, "state": plain.model.state_dict()},
+                    "buf_range": [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                                  for b in eng._flat_layout.buffers]}, os.path.join(out, "r.pt"))
 
 
-def test_broadcast_transport_over_gloo_loads_the_trainer_weights():
+def test_zero_copy_broadcast_twice_over_gloo(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slime_ray.engines.hf import HFEngine
+    from slime_ray.testing import make_tiny_model_dir
+
+    dirs = {k: str(make_tiny_model_dir(tmp_path / k, seed=seed)) for k, seed in (("a", 0), ("b", 1), ("c", 1))}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
-        got = torch.load(os.path.join(out, "r.pt"))
-        assert torch.load(os.path.join(out, "n.pt")) > 1  # several buckets
-    assert got["version"] == 7
-    want = _tiny_llama(1).state_dict()
-    for k, v in want.items():
-        assert torch.equal(got["state"][k], v), k
+    mp.spawn(_zero_copy_worker, args=(port, str(tmp_path), dirs), nprocs=2, join=True)
+    sent, got = torch.load(tmp_path / "s.pt"), torch.load(tmp_path / "r.pt")
+    assert sent["n"] > 2  # several buckets
+    first, second = got["seen"]
+    # 1st sync: the sender's first weights (checkpoint b), 2nd: the modified ones; versions bumped.
+    want1 = AutoModelForCausalLM.from_pretrained(dirs["b"], dtype=torch.float32).state_dict()
+    for k, v in want1.items():
+        assert torch.equal(first["state"][k], v), k
+    for k, v in sent["state"].items():
+        assert torch.equal(second["state"][k], v), k
+        assert not torch.equal(second["state"][k], want1[k]), k  # the 2nd sync moved new values
+    assert (first["version"], second["version"]) == (7, 8)
+    # tied embeddings still one storage, inside the flat buffers; the 2nd sync reused everything.
+    assert first["tied"] and second["tied"]
+    emb = second["params"]["model.embed_tokens.weight"]
+    assert second["params"]["lm_head.weight"] == emb
+    assert any(lo <= emb < hi for lo, hi in got["buf_range"])
+    assert all(any(lo <= p < hi for lo, hi in got["buf_range"]) for p in second["params"].values())
+    assert first["bufs"] == second["bufs"] and first["params"] == second["params"]
+    assert sent["ptrs"][0] == sent["ptrs"][1] and len(sent["ptrs"][0]) == 2  # sender: 2 persistent buffers
+    # generation after the update == a fresh engine loaded with the new weights
+    fresh = HFEngine(dirs["c"])
+    req = {"input_ids": [5, 9, 14, 3], "sampling_params": {"temperature": 0.0, "max_new_tokens": 8}}
+    want = fresh.generate([req])[0]
+    assert got["gen"]["output_ids"] == want["output_ids"] and len(want["output_ids"]) > 0
+    assert got["gen"]["output_log_probs"] == pytest.approx(want["output_log_probs"], abs=1e-6)
+    assert got["gen"]["weight_version"] == 8
+    # an engine without update_weights_in_place: receive buffer + update_weights per bucket
+    assert got["plain"]["version"] == 9
+    for k, v in sent["state"].items():
+        assert torch.equal(got["plain"]["state"][k], v), k
+
+
+def test_in_place_update_checks_and_fallbacks(tmp_path):
+    from slime_ray.engines.hf import HFEngine
+    from slime_ray.sync.buckets import BucketMeta
+    from slime_ray.sync.receiver import FlatLayout
+    from slime_ray.testing import make_tiny_model_dir
+
+    eng = HFEngine(str(make_tiny_model_dir(tmp_path / "m", seed=0)))
+    before = {n: t.clone() for n, t in eng.model.state_dict().items()}
+    called = []
+    # names / shapes checked before anything runs, as update_weights does
+    bad = [BucketMeta(("nope.weight",), ((3,),), "float32")]
+    with pytest.raises(KeyError, match="nope.weight"):
+        eng.update_weights_in_place(bad, called.append, 3)
+    norm = "model.norm.weight"
+    with pytest.raises(ValueError, match="shape mismatch"):
+        eng.update_weights_in_place([BucketMeta((norm,), ((5,),), "float32")], called.append, 3)
+    # a plan in another dtype: no layout, nothing run, copy path left to the caller
+    assert not eng.update_weights_in_place(_plan(eng.model, torch.bfloat16), called.append, 3)
+    assert FlatLayout.build(eng.model, _plan(eng.model, torch.bfloat16)) is None
+    # both tied names in the plan (sent separately): no layout
+    both = [BucketMeta(("model.embed_tokens.weight", "lm_head.weight"),
+                       (tuple(eng.model.lm_head.weight.shape),) * 2, "float32")]
+    assert FlatLayout.build(eng.model, both) is None
+    assert called == [] and eng.weight_version == 0
+    for n, t in eng.model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    # the layout keeps the values; a fill writing the buffers updates the model, version bumped
+    metas = _plan(eng.model)
+    assert eng.update_weights_in_place(metas, lambda bufs: called.append([b.data_ptr() for b in bufs]), 4)
+    for n, t in eng.model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert eng.update_weights_in_place(metas, lambda bufs: [b.fill_(0.25) for b in bufs], 5)
+    assert eng.weight_version == 5 and _tied(eng.model)
+    assert torch.equal(eng.model.lm_head.weight, torch.full_like(eng.model.lm_head.weight, 0.25))
+    assert [b.data_ptr() for b in eng._flat_layout.buffers] == called[0]
+    # the copy path still works on the re-laid-out model and writes into the same buffers
+    eng.update_weights({norm: torch.full((eng.model.model.norm.weight.numel(),), 2.0)}, 6)
+    assert eng.model.model.norm.weight.eq(2.0).all() and eng.weight_version == 6
+    assert eng._flat_layout.valid()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,6 +40,7 @@ from slime_ray.engines.hf_compile import (
     resolve_compile,
 )
 from slime_ray.engines.hf_decode import StaticDecoder
+from slime_ray.sync.buckets import copy_into
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,6 +174,7 @@ class HFEngine(RolloutEngine):
         self.max_batch_size_seen = 0
         self.num_generate_calls = 0
         self._lock = threading.Lock()  # generate vs update_weights: never interleaved
+        self._flat_layout = None  # slime_ray.sync.receiver.FlatLayout of the last bucket plan
         self._abort = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -369,21 +371,74 @@ class HFEngine(RolloutEngine):
                 with different values.
         """
         state = self.model.state_dict()
-        unknown = sorted(set(named_tensors) - set(state))
+        self._check_names_shapes(state, {n: tuple(t.shape) for n, t in named_tensors.items()})
+        self._check_tied(state, named_tensors)
+        names = list(named_tensors)
+        with self._lock, torch.no_grad():
+            copy_into([state[n] for n in names], [named_tensors[n] for n in names])
+            self.weight_version = int(weight_version)
+
+    def update_weights_in_place(self, metas: list, fill: Callable[[list[torch.Tensor]], None],
+                                weight_version: int, device: torch.device | str | None = None) -> bool:
+        """Zero-copy update: ``fill`` writes the new values straight into the parameters.
+
+        On the first call with a bucket plan (or after the layout was lost, e.g. by
+        :meth:`release_memory`), names and shapes are checked as in :meth:`update_weights`, then
+        the parameters are re-laid out as one flat buffer per bucket
+        (:class:`slime_ray.sync.receiver.FlatLayout`; tied embeddings stay one storage). Later
+        calls with the same plan reuse those buffers (no allocation, no copy). Holds the lock
+        that :meth:`generate` takes, so no generation sees half-written weights.
+
+        Args:
+            metas: the bucket plan, a list of :class:`slime_ray.sync.buckets.BucketMeta`.
+            fill: called once with ``buffers``: ``buffers[j]`` is 1-D, ``metas[j].numel``
+                elements of ``metas[j]``'s dtype on the engine's device, laid out as
+                ``metas[j]`` (names in order, each flattened); it must overwrite every element
+                (e.g. one broadcast per buffer).
+            weight_version: set once ``fill`` returned.
+            device: where the buffers must be (the transport's device); default: anywhere.
+
+        Returns:
+            True when ``fill`` ran and the version was set; False when the model cannot be laid
+            out for this plan (the plan's dtype differs from the model's, tied names both in the
+            plan, weights not on ``device``): then nothing ran and the caller uses
+            :meth:`update_weights`.
+
+        Raises:
+            KeyError: a name of the plan the model does not have.
+            ValueError: a shape of the plan that differs from the model's.
+            whatever ``fill`` raises (weights then partly written, version unchanged).
+        """
+        from slime_ray.sync.receiver import FlatLayout
+
+        metas = tuple(metas)
+        with self._lock, torch.no_grad():
+            lay = self._flat_layout
+            if lay is None or lay.metas != metas or not lay.valid():
+                self._flat_layout = None
+                self._check_names_shapes(self.model.state_dict(),
+                                         {n: s for m in metas for n, s in zip(m.names, m.shapes)})
+                lay = FlatLayout.build(self.model, metas, device)
+                if lay is None:
+                    return False
+                self._flat_layout = lay
+            fill(lay.buffers)
+            self.weight_version = int(weight_version)
+        return True
+
+    @staticmethod
+    def _check_names_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+        """KeyError for names the model lacks, ValueError for shapes that differ (up to 10 listed)."""
+        unknown = sorted(set(shapes) - set(state))
         if unknown:
             raise KeyError(f"HFEngine.update_weights: unknown parameter names {unknown[:10]}")
         bad = [
-            f"{n}: got {tuple(t.shape)}, model has {tuple(state[n].shape)}"
-            for n, t in named_tensors.items()
-            if tuple(t.shape) != tuple(state[n].shape)
+            f"{n}: got {tuple(s)}, model has {tuple(state[n].shape)}"
+            for n, s in shapes.items()
+            if tuple(s) != tuple(state[n].shape)
         ]
         if bad:
             raise ValueError(f"HFEngine.update_weights: shape mismatch: {'; '.join(bad[:10])}")
-        self._check_tied(state, named_tensors)
-        with self._lock, torch.no_grad():
-            for name, tensor in named_tensors.items():
-                state[name].copy_(tensor.to(device=state[name].device, dtype=state[name].dtype))
-            self.weight_version = int(weight_version)
 
     @staticmethod
     def _check_tied(state: dict[str, torch.Tensor], named_tensors: dict[str, torch.Tensor]) -> None:
@@ -423,6 +478,7 @@ class HFEngine(RolloutEngine):
         """Move the weights to CPU and free accelerator memory (no-op on CPU)."""
         if self.device.type != "cpu":
             with self._lock:
+                self._flat_layout = None  # its buffers would keep the GPU memory
                 if self._decoder is not None:
                     self._decoder.clear()  # the shape buckets' KV caches
                 self.model.to("cpu")

@@ -2,6 +2,13 @@
 
 Works with any engine that has ``update_weights(named_tensors, weight_version)`` and a
 ``device`` (HFEngine); the engine's own checks (names, shapes, tied weights) apply to each bucket.
+
+Zero-copy broadcast: an engine that also has ``update_weights_in_place(metas, fill,
+weight_version) -> bool`` (HFEngine, through :class:`FlatLayout`) has its parameters re-laid out
+once per bucket plan as one flat buffer per bucket; every later broadcast lands straight in the
+parameters (no receive buffer, no unpack copy). When the layout is impossible (dtype of the plan
+differs from the engine's, tied names sent separately, ...) it returns False and the receiver
+takes the copy path (receive into a new buffer, ``update_weights``).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Any
 import torch
 
 from slime_ray.sync import transport
-from slime_ray.sync.buckets import BucketMeta, unflatten
+from slime_ray.sync.buckets import BucketMeta, bucket_views, copy_into, unflatten
 
 
 def _local_device(uuid: str) -> int:
@@ -34,6 +41,114 @@ def load_ipc_bucket(engine: Any, payload: dict[str, Any], weight_version: int) -
     del flat
 
 
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """``a`` and ``b`` are one device ("cuda" = the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        cur = torch.cuda.current_device()
+        return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+    return a.index == b.index or a.index is None or b.index is None
+
+
+class FlatLayout:
+    """A model's tensors re-pointed to one contiguous buffer per bucket of a plan.
+
+    After :meth:`build`, the tensors named in bucket j (``param.data``, or a registered buffer)
+    are views of ``buffers[j]`` (1-D, ``metas[j].numel`` elements of ``metas[j]``'s dtype, on the
+    tensors' device) in plan order; tensors tied to one of them (the same ``Parameter`` under two
+    names, e.g. ``lm_head.weight`` / ``model.embed_tokens.weight`` with ``tie_word_embeddings``,
+    or another tensor object on the same storage and view) are re-pointed too, so they stay one
+    storage. Values are kept (copied in once). Receiving into ``buffers`` then updates the model.
+
+    Attributes:
+        metas: the plan (tuple of :class:`~slime_ray.sync.buckets.BucketMeta`).
+        buffers: one flat buffer per bucket.
+    """
+
+    def __init__(self, metas: tuple[BucketMeta, ...], buffers: list[torch.Tensor],
+                 bound: list[tuple[torch.Tensor, int]]) -> None:
+        self.metas, self.buffers, self._bound = metas, buffers, bound
+
+    def valid(self) -> bool:
+        """Whether every re-pointed tensor still sits where the layout put it (``model.to(...)``,
+        ``load_state_dict(assign=True)`` or a re-assigned ``param.data`` breaks the layout)."""
+        return all(t.data_ptr() == ptr for t, ptr in self._bound)
+
+    @staticmethod
+    def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        named = dict(model.named_buffers(remove_duplicate=False))
+        named.update(model.named_parameters(remove_duplicate=False))
+        return named
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, metas: list[BucketMeta] | tuple[BucketMeta, ...],
+              device: torch.device | str | None = None) -> "FlatLayout | None":
+        """Re-lay ``model``'s tensors out per ``metas``; None (model untouched) when not possible.
+
+        Not possible: a name of the plan that the model lacks, a shape or dtype differing from
+        the plan, tensors not all on one device (or not on ``device`` when given, e.g. weights
+        released to CPU while the transport is on the GPU), two names of the plan on one engine storage
+        (tied in the engine, sent separately), or a tensor sharing storage with a planned one
+        through a different view. Callers check names/shapes first to raise their own errors.
+        """
+        metas = tuple(metas)
+        want = device
+        named = cls._tensors(model)
+        planned: list[torch.Tensor] = []
+        for meta in metas:
+            for name, shape in zip(meta.names, meta.shapes):
+                t = named.get(name)
+                if t is None or tuple(t.shape) != tuple(shape) or t.dtype != meta.torch_dtype:
+                    return None
+                planned.append(t)
+        if not planned:
+            return None
+        device = planned[0].device
+        if any(t.device != device for t in planned):
+            return None
+        if want is not None and not same_device(device, want):
+            return None
+
+        def view_key(t: torch.Tensor) -> tuple:
+            return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+        keys = [view_key(t) for t in planned]
+        if len(set(keys)) != len(keys):
+            return None  # two planned names share one engine tensor
+        by_storage = {k[0]: k for k in keys}
+        aliases: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
+        seen: set[int] = set()
+        for t in named.values():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if t.device != device:
+                continue
+            k = view_key(t)
+            if k in aliases:
+                aliases[k].append(t)
+            elif k[0] in by_storage:
+                return None  # another view of a planned tensor's storage: cannot keep it in sync
+        buffers: list[torch.Tensor] = []
+        bound: list[tuple[torch.Tensor, int]] = []
+        pos = 0
+        with torch.no_grad():
+            for meta in metas:
+                flat = torch.empty(meta.numel, dtype=meta.torch_dtype, device=device)
+                views = bucket_views(flat, meta)
+                olds = planned[pos: pos + len(views)]
+                copy_into(views, olds)
+                for old, k, view in zip(olds, keys[pos: pos + len(views)], views):
+                    for t in aliases[k]:
+                        t.data = view
+                        bound.append((t, view.data_ptr()))
+                pos += len(views)
+                buffers.append(flat)
+        return cls(metas, buffers, bound)
+
+
 class BroadcastReceiver:
     """One engine's membership in the trainer's broadcast group."""
 
@@ -45,7 +160,24 @@ class BroadcastReceiver:
                                                    group_name, backend)
 
     def receive(self, engine: Any, metas: list[BucketMeta], weight_version: int) -> int:
-        """Receive every bucket from rank 0 and load it; returns bytes received."""
+        """Receive every bucket of ``metas`` from rank 0 and load it; returns bytes received.
+
+        Zero-copy into the engine's parameters when the engine has ``update_weights_in_place``
+        and accepts the plan; otherwise one new receive buffer per bucket and
+        ``engine.update_weights`` (per bucket, same version).
+
+        Raises:
+            KeyError, ValueError: the engine's checks of names and shapes (in place: the whole
+                plan, before anything is received; copy path: each bucket once received).
+        """
+        in_place = getattr(engine, "update_weights_in_place", None)
+        if in_place is not None:
+            def fill(buffers: list[torch.Tensor]) -> None:
+                for buf in buffers:
+                    transport.broadcast(self.group, buf, root=0)
+
+            if in_place(metas, fill, weight_version, self.device):
+                return sum(m.nbytes for m in metas)
         got = 0
         for meta in metas:
             flat = torch.empty(meta.numel, dtype=meta.torch_dtype, device=self.device)
