@@ -154,7 +154,8 @@ def start_rollout_app(args: Namespace, placement: Any = None) -> Any:
     else:
         engine_kwargs = {"seed": args.rollout_seed, **({"device": "cuda"} if use_gpu else {}),
                          "compile": getattr(args, "rollout_compile", "auto"),
-                         "batch_buckets": getattr(args, "rollout_batch_buckets", None)}
+                         "batch_buckets": getattr(args, "rollout_batch_buckets", None),
+                         "decode_loop": getattr(args, "rollout_decode_loop", "auto")}
     serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ.get("SLIME_RAY_SERVE_PORT", 8000))})
     app = build_rollout_app(
         args.hf_checkpoint, num_engines=num_engines, engine=args.rollout_engine,
