@@ -7,7 +7,10 @@ Transports (one contract, :mod:`slime_ray.sync.weight_sync`):
 - ``cuda_ipc``: colocated on GPUs: every trainer rank flattens a bucket on its GPU and hands the
   engine on the same GPU a CUDA IPC handle (``reduce_tensor``); no host copy.
 - ``nccl``: disaggregated GPUs: trainer rank 0 and every engine form one broadcast group
-  (rank 0 = trainer); buckets are broadcast from rank 0. On CPU the same code runs over gloo.
+  (rank 0 = trainer); buckets are broadcast from rank 0 out of two persistent buffers, the fill
+  of the next bucket overlapping the current broadcast; an HFEngine receives straight into its
+  parameters (re-laid out as one flat buffer per bucket on the first sync). On CPU the same
+  code runs over gloo.
 """
 
 from __future__ import annotations
