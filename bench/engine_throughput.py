@@ -1,6 +1,12 @@
 """Embedded engine throughput: HFEngine fast path (static cache + torch.compile + shape buckets)
 vs plain HF eager ``generate`` (the same HFEngine with ``compile=False``), on one GPU.
 
+The fast path is HFEngine's own decode loop (:mod:`slime_ray.engines.hf_decode`: one compiled
+CUDA-graph step per token); ``--decode-loop generate`` measures transformers' compiled
+``generate`` instead. Per batch the bench prints ms per decode step: for the static loop from
+CUDA events around the decode loop (prefill excluded, ``decode ms/step``), for every mode
+also the wall time of a call divided by the new tokens (``wall ms/token-step``).
+
 Per ``--batches`` (default 64, 256): ``--new-tokens`` (256) new tokens for each of B prompts
 (math_grpo test prompts with the chat template), EOS disabled so every row has exactly that
 many tokens, temperature 1, bf16. Reported per mode and batch: first call (compile + run) and
@@ -116,23 +122,36 @@ def run(args) -> dict:
         model = random_model_dir(args.model, args.random_init)
     fast = args.mode == "fast"
     t0 = time.perf_counter()
-    engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast)
+    engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast,
+                      decode_loop=args.decode_loop)
     res: dict = {"mode": args.mode, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
-                 "load_s": time.perf_counter() - t0, "batches": {}}
+                 "load_s": time.perf_counter() - t0, "decode_loop": engine.decode_loop, "batches": {}}
     import transformers
 
     res["transformers"] = transformers.__version__
     for b in args.batches:
         reqs = make_requests(engine.tokenizer, b, args.new_tokens)
         first_s, out = timed(engine, reqs)
-        steady = [timed(engine, reqs)[0] for _ in range(args.repeats)]
+        steady, stats = [], []
+        for _ in range(args.repeats):
+            steady.append(timed(engine, reqs)[0])
+            stats.append(dict(engine.last_decode_stats))
         ntok = sum(len(o["output_ids"]) for o in out)
         s = statistics.median(steady)
+        steps = max(len(o["output_ids"]) for o in out)  # token steps per call (prefill + decode)
         res["batches"][b] = {"first_call_s": first_s, "steady_s": s, "tokens": ntok,
                              "tokens_per_s": ntok / s, "first_call_tokens_per_s": ntok / first_s,
-                             "compilations_total": engine.num_compilations}
-        print(f"[{args.mode}] batch {b}: first call {first_s:.1f}s, steady {s:.2f}s, "
-              f"{ntok / s:,.0f} tok/s, graphs so far {engine.num_compilations}", flush=True)
+                             "compilations_total": engine.num_compilations,
+                             "wall_ms_per_step": 1e3 * s / steps}
+        line = (f"[{args.mode}/{engine.decode_loop}] batch {b}: first call {first_s:.1f}s, steady {s:.2f}s, "
+                f"{ntok / s:,.0f} tok/s, wall ms/token-step {1e3 * s / steps:.2f}")
+        if stats and stats[-1]:  # the static loop's own timings (CUDA events on GPU)
+            step_ms = statistics.median(st["ms_per_step"] for st in stats)
+            prefill_ms = statistics.median(st["prefill_ms"] for st in stats)
+            res["batches"][b].update(decode_ms_per_step=step_ms, prefill_ms=prefill_ms,
+                                     decode_steps=stats[-1]["decode_steps"], batch_bucket=stats[-1]["batch"])
+            line += f", decode ms/step {step_ms:.3f} (bucket {int(stats[-1]['batch'])}), prefill {prefill_ms:.1f} ms"
+        print(line + f", graphs so far {engine.num_compilations}", flush=True)
         if b == args.batches[0]:
             mean_d, max_d = trainer_log_probs(engine.model, reqs, out, 1.0)
             res["logprob_vs_trainer"] = {"batch": b, "mean_abs": mean_d, "max_abs": max_d}
@@ -156,13 +175,16 @@ def run(args) -> dict:
 def merge(paths: list[str]) -> None:
     by = {r["mode"]: r for r in (json.load(open(p)) for p in paths)}
     fast, eager = by.get("fast"), by.get("eager")
-    print("| batch | eager tok/s | fast tok/s | speed-up | fast first call (compile + run) s |")
-    print("|---|---|---|---|---|")
+    nan = float("nan")
+    print("| batch | eager tok/s | fast tok/s | speed-up | eager ms/step | fast ms/step (wall) "
+          "| fast decode ms/step | fast first call (compile + run) s |")
+    print("|---|---|---|---|---|---|---|---|")
     for b in (fast or eager)["batches"]:
-        e = eager["batches"][b]["tokens_per_s"] if eager else float("nan")
-        f = fast["batches"][b]["tokens_per_s"] if fast else float("nan")
-        fc = fast["batches"][b]["first_call_s"] if fast else float("nan")
-        print(f"| {b} | {e:,.0f} | {f:,.0f} | {f / e:.1f}x | {fc:.1f} |")
+        eb, fb = (eager or {}).get("batches", {}).get(b, {}), (fast or {}).get("batches", {}).get(b, {})
+        e, f = eb.get("tokens_per_s", nan), fb.get("tokens_per_s", nan)
+        print(f"| {b} | {e:,.0f} | {f:,.0f} | {f / e:.1f}x | {eb.get('wall_ms_per_step', nan):.2f} "
+              f"| {fb.get('wall_ms_per_step', nan):.2f} | {fb.get('decode_ms_per_step', nan):.3f} "
+              f"| {fb.get('first_call_s', nan):.1f} |")
     for r in by.values():
         print(f"{r['mode']}: log-probs vs trainer forward {r.get('logprob_vs_trainer')}")
     if fast and "varying" in fast:
@@ -175,6 +197,8 @@ def main() -> None:
     p.add_argument("--random-init", default=None, help="write a random-weight copy here and use it")
     p.add_argument("--device", default="cuda")
     p.add_argument("--mode", choices=("fast", "eager"), default="fast")
+    p.add_argument("--decode-loop", choices=("auto", "static", "generate"), default="auto",
+                   help="HFEngine decode_loop (auto: the static loop in fast mode, generate in eager mode)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
