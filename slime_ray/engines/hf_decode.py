@@ -285,7 +285,8 @@ class StaticDecoder:
             mask=z(batch, cache_len, dt=torch.long), tokens=z(batch, dt=torch.long),
             positions=z(batch, dt=torch.long), done=z(batch, dt=torch.bool), last_pos=z(batch, dt=torch.long),
             stop_mask=z(batch, vocab, dt=torch.bool), noise=torch.ones(batch, vocab, dtype=torch.float32, device=dev),
-            temperature=torch.ones((), dtype=torch.float32, device=dev), top_p=torch.ones((), dtype=torch.float32, device=dev),
+            temperature=torch.ones((), dtype=torch.float32, device=dev),
+            top_p=torch.ones((), dtype=torch.float32, device=dev),
             top_k=z(dt=torch.long), cache_position=z(1, dt=torch.long),
             out_tokens=z(batch, max_new, dt=torch.long), out_logp=z(batch, max_new, dt=torch.float32),
         )
@@ -332,7 +333,8 @@ class StaticDecoder:
             ValueError: mismatched lengths, or ``cache_new_tokens`` < max(max_new_tokens).
         """
         batch, prompt_len = input_ids.shape
-        if not (len(max_new_tokens) == len(stop_ids) == len(active) == batch) or attention_mask.shape != input_ids.shape:
+        same_rows = len(max_new_tokens) == len(stop_ids) == len(active) == batch
+        if not same_rows or attention_mask.shape != input_ids.shape:
             raise ValueError("StaticDecoder.generate: per-row arguments must all have B entries")
         n_max = max(max_new_tokens)
         if n_max > cache_new_tokens:
