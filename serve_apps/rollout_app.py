@@ -129,11 +129,16 @@ class EngineDeployment:
     async def _generate_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.engine.generate, requests)
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Called with ONE request dict; concurrent calls are batched. Returns its response."""
-        return await self.batcher.submit(request)
+    async def generate(self, request: dict[str, Any], burst: tuple[str, int] | None = None) -> dict[str, Any]:
+        """Called with ONE request dict; concurrent calls are batched. Returns its response.
 
-    async def generate_at_least(self, request: dict[str, Any], min_weight_version: int) -> dict[str, Any]:
+        ``burst=(id, count)``: the request is one of ``count`` sent together to this engine; the
+        batch holding all of them starts without waiting for more (see ``GapBatcher``).
+        """
+        return await self.batcher.submit(request, burst=burst)
+
+    async def generate_at_least(self, request: dict[str, Any], min_weight_version: int,
+                                burst: tuple[str, int] | None = None) -> dict[str, Any]:
         """:meth:`generate`, refused unless this engine holds version >= ``min_weight_version``.
 
         Raises:
@@ -143,7 +148,7 @@ class EngineDeployment:
         if self.engine.weight_version < min_weight_version:
             raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
                                     f"{self.engine.weight_version} < current {min_weight_version}")
-        return await self.generate(request)
+        return await self.generate(request, burst)
 
     async def update_weights(self, weights: Any, weight_version: int) -> int:
         """Load ``weights`` (dict name -> CPU tensor, or an ObjectRef to one); returns the version.
@@ -246,8 +251,10 @@ class RolloutIngress(OpenAIRoutes):
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._tokenizer
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, request: dict[str, Any], _first: tuple[int, Any] | None = None) -> dict[str, Any]:
         """Route one request (see :mod:`slime_ray.engines.base`); returns the response + meta_info.
+
+        ``_first=(engine, burst)``: :meth:`generate_batch`'s choice for the first attempt.
 
         Raises:
             ValueError: a request with neither ``input_ids`` nor ``text``.
@@ -260,10 +267,14 @@ class RolloutIngress(OpenAIRoutes):
         }
         tried: set[int] = set()
         while True:
-            i = self.router.pick(request.get("session_id"), exclude=tried)
+            if _first is not None and not tried:
+                i, burst = _first
+            else:  # a re-routed request is no longer part of a known burst
+                i, burst = self.router.pick(request.get("session_id"), exclude=tried), None
             try:
                 async with self.router.slot(i):
-                    response = await self.engines[i].generate_at_least.remote(engine_request, self.weight_version)
+                    response = await self.engines[i].generate_at_least.remote(
+                        engine_request, self.weight_version, burst)
                 return with_meta_info(response, i)
             except StaleWeightsError:
                 # A (re)joined replica that does not hold the current weights yet: skip it.
@@ -277,6 +288,29 @@ class RolloutIngress(OpenAIRoutes):
                 tried.add(i)
                 if len(tried) == len(self.engines):
                     raise
+
+    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """Route a list of requests sent together (one call instead of one per request).
+
+        Each request is routed as by :meth:`generate` (least loaded, sessions, concurrency
+        bound, stale / failed engines skipped); the requests that go to one engine are tagged as
+        one burst, so that engine starts them at once instead of waiting ``batch_wait_timeout_s``
+        for more. Returns, in order, each request's response or the exception it raised.
+        """
+        import uuid
+
+        picks: list[int] = []
+        for r in requests:  # count each pick so the next one sees it (least loaded spreads a burst)
+            i = self.router.pick(r.get("session_id") if isinstance(r, dict) else None)
+            self.router.outstanding[i] += 1
+            picks.append(i)
+        for i in picks:
+            self.router.outstanding[i] -= 1
+        burst_id = uuid.uuid4().hex
+        counts = {i: picks.count(i) for i in set(picks)}
+        return list(await asyncio.gather(
+            *(self.generate(r, (i, (f"{burst_id}:{i}", counts[i]))) for r, i in zip(requests, picks)),
+            return_exceptions=True))
 
     def num_engines(self) -> int:
         return len(self.engines)

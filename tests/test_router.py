@@ -116,3 +116,34 @@ def test_gap_batcher_keeps_a_spread_burst_in_one_batch():
     first, over = asyncio.run(main())
     assert first == [0, 2, 4, 6, 8, 10] and over == [2 * i for i in range(10)]
     assert [len(c) for c in calls] == [6, 8, 2, 1]
+
+
+def test_gap_batcher_closes_a_complete_burst_without_the_gap():
+    """A burst whose members all arrived runs at once; a burst with a member missing waits the gap."""
+    import time
+
+    from slime_ray.rollout.batcher import GapBatcher
+
+    calls = []
+
+    async def fn(items):
+        calls.append((time.monotonic(), list(items)))
+        return [x * 2 for x in items]
+
+    async def main():
+        b = GapBatcher(fn, max_batch_size=8, gap_s=0.5, max_wait_s=5.0)
+        t0 = time.monotonic()
+        out = await asyncio.gather(*[b.submit(i, burst=("a", 4)) for i in range(4)])
+        fast = time.monotonic() - t0
+        t0 = time.monotonic()  # 3 of 4 members: no early close, the gap rule applies
+        out2 = await asyncio.gather(*[b.submit(i, burst=("b", 4)) for i in range(3)])
+        slow = time.monotonic() - t0
+        t0 = time.monotonic()  # a complete burst plus an untagged request: gap rule
+        out3 = await asyncio.gather(b.submit(9), *[b.submit(i, burst=("c", 2)) for i in range(2)])
+        mixed = time.monotonic() - t0
+        return out, fast, out2, slow, out3, mixed
+
+    out, fast, out2, slow, out3, mixed = asyncio.run(main())
+    assert out == [0, 2, 4, 6] and out2 == [0, 2, 4] and out3 == [18, 0, 2]
+    assert [len(c) for _, c in calls] == [4, 3, 3]
+    assert fast < 0.25 and slow >= 0.45 and mixed >= 0.45, (fast, slow, mixed)

@@ -8,6 +8,13 @@ generate calls. Here a batch stays open while requests keep arriving: it closes 
 request came for ``gap_s`` seconds, after ``max_wait_s`` seconds, or at ``max_batch_size``.
 An isolated request waits ``gap_s`` (the same as a ``gap_s`` deadline). Requests that queue
 while a batch runs all go into the next one. One batch runs at a time.
+
+Known bursts: a caller that sends a burst of requests at once (the ingress splitting one
+``generate_batch`` call over the engines) tags each request with ``burst=(burst_id, count)``.
+A batch whose every request belongs to a burst it holds completely (all ``count`` members
+arrived) closes as soon as the queue is empty, without waiting ``gap_s`` for stragglers that
+cannot come. Any untagged request, or a burst with a member missing (re-routed, held back by
+the concurrency bound), falls back to the gap rule.
 """
 
 from __future__ import annotations
@@ -41,21 +48,34 @@ class GapBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit(self, item: Any) -> Any:
+    async def submit(self, item: Any, burst: tuple[str, int] | None = None) -> Any:
+        """Queue ``item`` (optionally a member of a known burst, see the module docstring)."""
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        await self._queue.put((item, future, tuple(burst) if burst else None))
         return await future
 
-    async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
+    @staticmethod
+    def _bursts_complete(batch: list[tuple[Any, asyncio.Future, Any]]) -> bool:
+        """Every item is tagged and every burst in the batch has all its members."""
+        seen: dict[str, list[int]] = {}
+        for _, _, burst in batch:
+            if burst is None:
+                return False
+            seen.setdefault(burst[0], [0, int(burst[1])])[0] += 1
+        return all(n >= count for n, count in seen.values())
+
+    async def _collect(self) -> list[tuple[Any, asyncio.Future, Any]]:
         batch = [await self._queue.get()]
         start = time.monotonic()
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
+            if self._bursts_complete(batch):
+                break
             remaining = self.max_wait_s - (time.monotonic() - start)
             if remaining <= 0:
                 break
@@ -67,7 +87,7 @@ class GapBatcher:
 
     async def _run(self) -> None:
         while True:
-            batch = [(item, fut) for item, fut in await self._collect() if not fut.done()]
+            batch = [(item, fut) for item, fut, _ in await self._collect() if not fut.done()]
             if not batch:
                 continue
             try:

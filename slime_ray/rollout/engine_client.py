@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -54,6 +55,9 @@ class EngineClient:
         self.retry_s = 0.0  # seconds a request is retried while its replica restarts (fault tolerance)
         self.weight_store: Any = None  # fault.WeightStore: gets every weight push first
         self.num_retries = 0
+        self.coalesce = True  # concurrent generate calls go to the ingress in one call (see generate)
+        self._pending: dict[Any, list] = {}  # event loop -> [(request, future)] not sent yet
+        self._pending_lock = threading.Lock()  # loops of several threads may share this client
 
     @classmethod
     def from_app(cls, app_name: str = "rollout", num_engines: int | None = None) -> "EngineClient":
@@ -81,9 +85,85 @@ class EngineClient:
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request through the ingress; the engine response dict plus ``meta_info``.
 
+        Requests issued on one event loop while it is busy (a rollout step starting its groups)
+        go to the ingress together, in one ``generate_batch`` call, once the loop has gone a
+        full iteration without a new one (no timer: a lone request waits two loop iterations).
+        The ingress routes each as it routes a single request and tells each engine how many
+        it sends, so the engine batches them without waiting for stragglers.
+
         A request whose replica dies is sent again (every 0.5 s, for up to ``retry_s`` seconds)
         until a live replica, or the restarted one, answers; other errors are raised as they are.
         """
+        if not self.coalesce:
+            return await self._generate_one(request)
+        loop = asyncio.get_running_loop()
+        with self._pending_lock:
+            pending = self._pending.get(loop)
+            if pending is None:
+                pending = self._pending[loop] = []
+                loop.call_soon(self._flush_when_idle, loop, 0)
+        future = loop.create_future()
+        pending.append((request, future))
+        return await future
+
+    def _flush_when_idle(self, loop: asyncio.AbstractEventLoop, seen: int) -> None:
+        """Send the loop's pending requests once an iteration added none (else look again)."""
+        pending = self._pending.get(loop)
+        if pending is None:
+            return
+        if len(pending) != seen:
+            loop.call_soon(self._flush_when_idle, loop, len(pending))
+            return
+        with self._pending_lock:
+            del self._pending[loop]
+        batch = [(r, f) for r, f in pending if not f.done()]  # a cancelled caller sends nothing
+        if len(batch) == 1:
+            self._track(loop.create_task(self._generate_one(batch[0][0])), batch)
+        elif batch:
+            self._track(loop.create_task(self._generate_batch([r for r, _ in batch])), batch)
+
+    @staticmethod
+    def _track(task: asyncio.Task, batch: list) -> None:
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                for _, f in batch:
+                    f.cancel()
+                return
+            err = t.exception()
+            results = [err] * len(batch) if err is not None else (t.result() if len(batch) > 1 else [t.result()])
+            for (_, f), out in zip(batch, results):
+                if f.done():
+                    continue
+                if isinstance(out, BaseException):
+                    f.set_exception(out)
+                else:
+                    f.set_result(out)
+        task.add_done_callback(done)
+
+    async def _generate_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """One ``generate_batch`` call; each failed request is retried alone as :meth:`_generate_one`
+        retries (replica failures within ``retry_s``), other errors are returned as they are."""
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                results = await self.ingress.generate_batch.remote(requests)
+                break
+            except Exception as err:  # noqa: BLE001 - the ingress itself failed
+                if not _is_replica_failure(err) or time.monotonic() > deadline:
+                    raise
+                self.num_retries += 1
+                logger.warning("generate_batch: ingress unavailable (%s); retrying", type(err).__name__)
+                await asyncio.sleep(0.5)
+        retry = [k for k, out in enumerate(results)
+                 if isinstance(out, BaseException) and _is_replica_failure(out) and self.retry_s > 0]
+        if retry:
+            again = await asyncio.gather(*(self._generate_one(requests[k]) for k in retry), return_exceptions=True)
+            for k, out in zip(retry, again):
+                results[k] = out
+        return results
+
+    async def _generate_one(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request, one ingress call (with the replica-failure retries of :meth:`generate`)."""
         deadline = time.monotonic() + self.retry_s
         while True:
             try:
