@@ -148,3 +148,39 @@ def test_jsonl_tracking_without_mlflow(tmp_path):
     assert rows[0]["params"] == {"lr": "1e-06"} and rows[0]["run_name"] == "r"
     assert [r["metrics"] for r in rows[1:3]] == [{"train/loss": 0.5}, {"train/loss": 0.25}]
     assert [r["step"] for r in rows[1:3]] == [0, 1] and rows[3]["status"] == "FINISHED"
+
+
+def test_metrics_written_in_background_keep_order_and_timestamps(uri):
+    """log_metrics returns before the write; flush/finish wait; timestamps are the call times."""
+    import time
+
+    tr = Tracker(tracking_uri=uri, experiment_name="bg", params={})
+    before = int(time.time() * 1000)
+    for step in range(20):
+        tr.log_metrics({"train/loss": float(step), "perf/x": 2.0 * step}, step=step)
+    after = int(time.time() * 1000)
+    tr.flush()
+    hist = client(uri).get_metric_history(tr.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(s, float(s)) for s in range(20)]
+    assert all(before <= m.timestamp <= after for m in hist)
+    tr.log_metrics({"train/loss": 99.0}, step=20)
+    tr.finish()  # waits for the last write, then ends the run
+    run = client(uri).get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] == 99.0
+    assert len(client(uri).get_metric_history(tr.run_id, "perf/x")) == 20
+
+
+def test_background_write_error_is_raised_by_the_next_call(uri, monkeypatch):
+    tr = Tracker(tracking_uri=uri, experiment_name="bg_err", params={})
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tr._client, "log_batch", broken)
+    tr.log_metrics({"m": 1.0}, step=0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tr.flush()
+    monkeypatch.undo()
+    tr.log_metrics({"m": 2.0}, step=1)  # the store works again: later writes land
+    tr.finish()
+    assert [m.value for m in client(uri).get_metric_history(tr.run_id, "m")] == [2.0]
