@@ -77,6 +77,7 @@ else
   tail -n 15 "$OUT/engine_fast.log" "$OUT/engine_eager.log"
   python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 20 | tee "$OUT/engine_merge.log"
   timeout 150 python3 bench/weight_sync.py --reps 5 2>&1 | tail -n 20 | tee "$OUT/weight_sync.log"
+  timeout 120 python3 bench/weight_sync.py --reps 5 --buffer-mb 128 --models 1.5b 2>&1 | tail -n 12 | tee "$OUT/weight_sync_128.log"
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_throughput.py > "$OUT/train_throughput.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/grpo_step_breakdown.py > "$OUT/grpo_step_breakdown.log" 2>&1
   wait
