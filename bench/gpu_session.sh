@@ -60,7 +60,7 @@ if [ "$part" = M ]; then
   summary torch_fsdp2 | tee -a "$OUT/torch_fsdp2.log"
 elif [ "$part" = A ]; then
   mk 135m /tmp/smol
-  X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
+  X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
   timeout 330 python3 bench/async_vs_sync.py --model /tmp/smol --steps 6 --results "$OUT/async_RESULTS.md" --extra "$X" \
     2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"
   if ! grep -q "speed-up" "$OUT/async_vs_sync.log"; then  # the NCCL transport failed? the loops, over the object store
