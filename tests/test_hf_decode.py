@@ -7,7 +7,15 @@ import threading
 import pytest
 import torch
 
+from transformers import AutoModelForCausalLM
+
 from slime_ray.engines.hf import HFEngine
+from slime_ray.engines.hf_attention import (
+    GROUPED_ATTENTION,
+    grouped_attention_forward,
+    supports_grouped_attention,
+    use_grouped_attention,
+)
 from slime_ray.engines.hf_compile import dynamo_graph_count
 from slime_ray.engines.hf_decode import StaticDecoder
 from slime_ray.testing import make_tiny_model_dir
@@ -156,3 +164,101 @@ def test_compiled_step_one_graph_per_bucket_and_mode(model_dir, static):
     ref = static.generate([_req(eng, p, temperature=0.9, max_new_tokens=10) for p in PROMPTS])
     assert [o["output_ids"] for o in sampled] == [o["output_ids"] for o in ref]
     assert eng.num_compilations == 2  # one more for the sampling mode
+
+
+# ---------------------------------------------------------------- grouped-query attention
+def _attn_spy(model):
+    """Records the attention implementation each attention call of layer 0 ran with."""
+    seen = []
+    layer = model.model.layers[0].self_attn
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.config._attn_implementation))
+    return seen, handle
+
+
+def test_tiny_model_is_gqa(static):
+    cfg = static.model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads and supports_grouped_attention(static.model)
+
+
+@pytest.mark.parametrize("q_len", [1, 3, 40])
+@pytest.mark.parametrize("mask_kind", ["bool", "bool_heads", "float", "none"])
+def test_grouped_attention_equals_sdpa(q_len, mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 3, True
+
+    torch.manual_seed(0)
+    kv_len = 50 if mask_kind != "none" else q_len
+    q, k, v = torch.randn(2, 6, q_len, 16), torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
+    mask = torch.rand(2, 6 if mask_kind == "bool_heads" else 1, q_len, kv_len) > 0.4
+    mask[..., 0] = True
+    mask = {"bool": mask, "bool_heads": mask, "none": None,
+            "float": torch.where(mask, 0.0, torch.finfo(torch.float32).min)}[mask_kind]
+    mod = Attn().eval()
+    out, weights = grouped_attention_forward(mod, q, k, v, mask, scaling=0.2)
+    ref, _ = sdpa_attention_forward(mod, q, k, v, mask, scaling=0.2)
+    assert weights is None and out.shape == ref.shape == (2, q_len, 6, 16)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_static_loop_uses_grouped_attention_only_while_it_runs(model_dir, static):
+    seen, handle = _attn_spy(static.model)
+    try:
+        static.generate([_req(static, PROMPTS[0], temperature=0.0, max_new_tokens=4)])
+    finally:
+        handle.remove()
+    # prefill + 3 decode steps, all with the grouped function (prefill > 16 tokens goes on to SDPA inside it)
+    assert seen == [GROUPED_ATTENTION] * 4
+    assert static.model.config._attn_implementation == "sdpa"  # switched back
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert fresh.config._attn_implementation == "sdpa"
+    with use_grouped_attention(static.model, enabled=False) as on:
+        assert not on and static.model.config._attn_implementation == "sdpa"
+
+
+def test_grouped_attention_restored_after_error(static):
+    with pytest.raises(RuntimeError):
+        with use_grouped_attention(static.model) as on:
+            assert on and static.model.config._attn_implementation == GROUPED_ATTENTION
+            raise RuntimeError("boom")
+    assert static.model.config._attn_implementation == "sdpa"
+
+
+def test_generate_path_keeps_sdpa(gen):
+    seen, handle = _attn_spy(gen.model)
+    try:
+        gen.generate([_req(gen, PROMPTS[0], temperature=0.0, max_new_tokens=3)])
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {"sdpa"}
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_grouped_static_loop_matches_generate_and_trainer(model_dir, gen, grouped):
+    """No shape buckets: left padding, per-row lengths; the prompts' padded length is 23 (prefill
+    through SDPA inside the grouped function), then 5 (prefill in the grouped matmuls too)."""
+    eng = HFEngine(model_dir, decode_loop="static")
+    eng._decoder = StaticDecoder(eng.model, pad_token_id=eng.pad_token_id, grouped_attention=grouped)
+    prompts = [PROMPTS[2], PROMPTS[1] + " apples does he have now? " + PROMPTS[3], PROMPTS[3]]
+    lens = (13, 21, 6)
+    seen, handle = _attn_spy(eng.model)
+    try:
+        for plen in (None, 3):  # full prompts, then their first 3, 4, 5 tokens
+            reqs = [_req(gen, p, temperature=0.0, max_new_tokens=n) for p, n in zip(prompts, lens)]
+            if plen is not None:
+                reqs = [{**r, "input_ids": r["input_ids"][: plen + i]} for i, r in enumerate(reqs)]
+            ref, out = gen.generate(reqs), eng.generate(reqs)
+            for a, b in zip(ref, out):
+                assert b["output_ids"] == a["output_ids"] and b["finish_reason"] == a["finish_reason"]
+                assert max(abs(x - y) for x, y in zip(a["output_log_probs"], b["output_log_probs"])) < 1e-4
+            torch.manual_seed(11)
+            sampled = [{**r, "sampling_params": {"temperature": 0.8, "max_new_tokens": n}} for r, n in zip(reqs, lens)]
+            for r, o in zip(sampled, eng.generate(sampled)):
+                assert len(o["output_ids"]) == r["sampling_params"]["max_new_tokens"]
+                ref_lp = _trainer_log_probs(gen.model, r["input_ids"], o["output_ids"], 0.8)
+                assert (ref_lp - torch.tensor(o["output_log_probs"])).abs().max().item() < 1e-4
+    finally:
+        handle.remove()
+    assert set(seen) == ({GROUPED_ATTENTION} if grouped else {"sdpa"})
+    assert eng.model.config._attn_implementation == "sdpa"

@@ -27,6 +27,11 @@ and a per-row stopping criterion that reads the last tokens on the host syncs ev
 Finished rows keep emitting ``pad_token_id`` (log-prob 0); the engine cuts every row at its
 first stop id (included) or its own ``max_new_tokens``.
 
+Attention: for GQA models (fewer KV heads than query heads) the model runs
+:func:`slime_ray.engines.hf_attention.grouped_attention_forward` while the loop runs (its
+config is switched back afterwards): decode steps read each KV head once instead of
+materialising the repeated heads that transformers' SDPA path builds when a mask is given.
+
 One graph per (shape bucket, sampling mode), where the mode is greedy / sample / sample with
 top-k or top-p: temperature, top_p and top_k are device tensors, not graph constants.
 """
@@ -41,6 +46,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from slime_ray.engines.hf_attention import use_grouped_attention
 
 GREEDY, SAMPLE, SAMPLE_FILTERED = "greedy", "sample", "sample_filtered"
 _TINY = 1e-30  # noise floor: -log(0) would make a token win whatever its probability
@@ -225,6 +232,9 @@ class StaticDecoder:
         compile_options: extra ``torch.compile`` kwargs (e.g. ``{"backend": "aot_eager"}``).
         check_every: decode steps between host checks of ``done.all()`` and the abort event.
         max_slots: shape buckets whose caches are kept (least recently used evicted).
+        grouped_attention: run the model with :mod:`slime_ray.engines.hf_attention`'s
+            grouped-query attention during :meth:`generate` (GQA models with SDPA or eager
+            attention; others keep theirs).
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -239,12 +249,14 @@ class StaticDecoder:
         compile_options: dict[str, Any] | None = None,
         check_every: int = 8,
         max_slots: int = 16,
+        grouped_attention: bool = True,
     ):
         self.model = model
         self.pad_token_id = int(pad_token_id)
         self.check_every = max(1, int(check_every))
         self.max_slots = max(1, int(max_slots))
         self.compile = bool(compile)
+        self.grouped_attention = bool(grouped_attention)
         self._cache_kw, self._takes_cache_position = _forward_kwargs(model)
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._step: Callable = decode_step
@@ -332,6 +344,25 @@ class StaticDecoder:
         Raises:
             ValueError: mismatched lengths, or ``cache_new_tokens`` < max(max_new_tokens).
         """
+        with use_grouped_attention(self.model, self.grouped_attention):
+            return self._generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                  active=active, cache_new_tokens=cache_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, abort_event=abort_event)
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: list[int],
+        stop_ids: list[set[int] | list[int]],
+        active: list[bool],
+        cache_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        abort_event: threading.Event | None,
+    ) -> DecodeResult:
         batch, prompt_len = input_ids.shape
         same_rows = len(max_new_tokens) == len(stop_ids) == len(active) == batch
         if not same_rows or attention_mask.shape != input_ids.shape:
