@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -149,6 +150,14 @@ class RolloutLoop:
         self.group_generate = group_generate
         self.filter_fn = load_filter(args)
         self.normalize = GroupNormalizer(args)
+        self._seq = itertools.count()
+        self._order: dict[asyncio.Future, int] = {}  # task -> submission number
+
+    def _in_order(self, done: set) -> list:
+        """Tasks that finished together, in the order they were submitted (``asyncio.wait``
+        returns a set: without this, the training table's row order, and so the float sums
+        of the update, would depend on task hashes)."""
+        return sorted(done, key=lambda t: self._order.pop(t, 0))
 
     async def _run_group(self, group: list[Sample], params: dict) -> tuple[list[Sample], int]:
         group = await self.group_generate(self.args, group, params, False)
@@ -163,7 +172,9 @@ class RolloutLoop:
             raise RuntimeError("the data source returned no groups (get_samples gave an empty list)")
         for g in groups:
             stats.resumed_samples += sum(1 for s in g if s.response_length > 0 and s.status in UNFINISHED)
-            pending.add(asyncio.ensure_future(self._run_group(g, params)))
+            task = asyncio.ensure_future(self._run_group(g, params))
+            self._order[task] = next(self._seq)
+            pending.add(task)
         stats.generated_groups += len(groups)
         return len(groups)
 
@@ -183,7 +194,7 @@ class RolloutLoop:
                 while in_play < target:
                     in_play += self._submit(params, stats, pending)
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                for task in self._in_order(done):
                     group, n_failed = task.result()
                     stats.failed_samples += n_failed
                     verdict = self._verdict(group, rollout_id, stats)
@@ -232,7 +243,7 @@ class RolloutLoop:
         while pending:
             await self._abort_engines()
             done, pending = await asyncio.wait(pending, timeout=ABORT_POLL_S)
-            for task in done:
+            for task in self._in_order(done):
                 if task.exception() is not None:
                     logger.warning("a group failed while aborting: %r", task.exception())
                     continue
