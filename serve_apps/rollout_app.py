@@ -150,6 +150,20 @@ class EngineDeployment:
                                     f"{self.engine.weight_version} < current {min_weight_version}")
         return await self.generate(request, burst)
 
+    async def generate_many_at_least(self, requests: list[dict[str, Any]], min_weight_version: int) -> list[dict]:
+        """:meth:`generate_at_least` for requests sent together: they are one burst (no gap wait).
+
+        Raises:
+            StaleWeightsError: as :meth:`generate_at_least` (none of them is run).
+        """
+        if self.engine.weight_version < min_weight_version:
+            raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
+                                    f"{self.engine.weight_version} < current {min_weight_version}")
+        import uuid
+
+        burst = (uuid.uuid4().hex, len(requests))
+        return list(await asyncio.gather(*(self.batcher.submit(r, burst=burst) for r in requests)))
+
     async def update_weights(self, weights: Any, weight_version: int) -> int:
         """Load ``weights`` (dict name -> CPU tensor, or an ObjectRef to one); returns the version.
 
@@ -259,12 +273,7 @@ class RolloutIngress(OpenAIRoutes):
         Raises:
             ValueError: a request with neither ``input_ids`` nor ``text``.
         """
-        if request.get("input_ids") is None and request.get("text") is None:
-            raise ValueError("generate: the request needs 'input_ids' or 'text'")
-        check_sampling_params(request.get("sampling_params") or {})
-        engine_request = {
-            k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request
-        }
+        engine_request = self._engine_request(request)
         tried: set[int] = set()
         while True:
             if _first is not None and not tried:
@@ -307,10 +316,59 @@ class RolloutIngress(OpenAIRoutes):
         for i in picks:
             self.router.outstanding[i] -= 1
         burst_id = uuid.uuid4().hex
-        counts = {i: picks.count(i) for i in set(picks)}
-        return list(await asyncio.gather(
-            *(self.generate(r, (i, (f"{burst_id}:{i}", counts[i]))) for r, i in zip(requests, picks)),
-            return_exceptions=True))
+        results: list[Any] = [None] * len(requests)
+
+        async def one(j: int, first: tuple[int, Any] | None) -> None:
+            try:
+                results[j] = await self.generate(requests[j], first)
+            except Exception as err:  # noqa: BLE001 - returned in the request's place
+                results[j] = err
+
+        async def share(i: int, idxs: list[int]) -> None:
+            """Engine i's share: one engine call when its slots are free, else one call each."""
+            valid = []
+            for j in idxs:
+                try:
+                    valid.append((j, self._engine_request(requests[j])))
+                except Exception as err:  # noqa: BLE001 - a bad request fails alone
+                    results[j] = err
+            if not valid:
+                return
+            async with self.router.slots_if_free(i, len(valid)) as held:
+                if held:
+                    try:
+                        out = await self.engines[i].generate_many_at_least.remote(
+                            [r for _, r in valid], self.weight_version)
+                        for (j, _), resp in zip(valid, out):
+                            results[j] = with_meta_info(resp, i)
+                        return
+                    except (StaleWeightsError, ray.exceptions.RayActorError, DeploymentUnavailableError):
+                        self.router.mark_failed(i)  # each request is routed again, alone
+                        valid = [(j, None) for j, _ in valid]
+                    except Exception as err:  # noqa: BLE001 - the engine's batch failed: each of its requests
+                        for j, _ in valid:
+                            results[j] = err
+                        return
+            tag = (f"{burst_id}:{i}", len(valid))
+            await asyncio.gather(*(one(j, None if r is None else (i, tag)) for j, r in valid))
+
+        by_engine: dict[int, list[int]] = {}
+        for j, i in enumerate(picks):
+            by_engine.setdefault(i, []).append(j)
+        await asyncio.gather(*(share(i, idxs) for i, idxs in by_engine.items()))
+        return results
+
+    @staticmethod
+    def _engine_request(request: dict[str, Any]) -> dict[str, Any]:
+        """The engine's part of a request (checked).
+
+        Raises:
+            ValueError: a request with neither ``input_ids`` nor ``text``, or bad sampling params.
+        """
+        if request.get("input_ids") is None and request.get("text") is None:
+            raise ValueError("generate: the request needs 'input_ids' or 'text'")
+        check_sampling_params(request.get("sampling_params") or {})
+        return {k: request[k] for k in ("input_ids", "text", "sampling_params", "return_logprob") if k in request}
 
     def num_engines(self) -> int:
         return len(self.engines)

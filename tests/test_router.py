@@ -143,7 +143,34 @@ def test_gap_batcher_closes_a_complete_burst_without_the_gap():
         mixed = time.monotonic() - t0
         return out, fast, out2, slow, out3, mixed
 
+    async def larger_than_a_batch():  # 12 members, batches of 8: the second batch closes at once too
+        b = GapBatcher(fn, max_batch_size=8, gap_s=0.5, max_wait_s=5.0)
+        t0 = time.monotonic()
+        out = await asyncio.gather(*[b.submit(i, burst=("d", 12)) for i in range(12)])
+        return out, time.monotonic() - t0
+
     out, fast, out2, slow, out3, mixed = asyncio.run(main())
     assert out == [0, 2, 4, 6] and out2 == [0, 2, 4] and out3 == [18, 0, 2]
     assert [len(c) for _, c in calls] == [4, 3, 3]
     assert fast < 0.25 and slow >= 0.45 and mixed >= 0.45, (fast, slow, mixed)
+    calls.clear()
+    out4, big = asyncio.run(larger_than_a_batch())
+    assert out4 == [2 * i for i in range(12)] and [len(c) for _, c in calls] == [8, 4] and big < 0.25, big
+
+
+def test_slots_if_free_takes_all_or_none():
+    r = EngineRouter(1, max_concurrency=4)
+
+    async def main():
+        async with r.slot(0):  # 1 of 4 taken
+            async with r.slots_if_free(0, 4) as held:
+                assert held is False and r.outstanding == [1]
+            async with r.slots_if_free(0, 3) as held:
+                assert held is True and r.outstanding == [4]
+                async with r.slots_if_free(0, 1) as more:
+                    assert more is False
+        assert r.outstanding == [0]
+        async with r.slots_if_free(0, 4) as held:
+            assert held is True
+
+    asyncio.run(main())

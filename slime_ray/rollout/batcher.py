@@ -46,6 +46,7 @@ class GapBatcher:
         self.gap_s = gap_s
         self.max_wait_s = max(max_wait_s, gap_s)
         self._queue: asyncio.Queue | None = None
+        self._burst_taken: dict[str, int] = {}  # burst id -> members already batched
         self._task: asyncio.Task | None = None
 
     async def submit(self, item: Any, burst: tuple[str, int] | None = None) -> Any:
@@ -57,15 +58,24 @@ class GapBatcher:
         await self._queue.put((item, future, tuple(burst) if burst else None))
         return await future
 
-    @staticmethod
-    def _bursts_complete(batch: list[tuple[Any, asyncio.Future, Any]]) -> bool:
-        """Every item is tagged and every burst in the batch has all its members."""
+    def _bursts_complete(self, batch: list[tuple[Any, asyncio.Future, Any]]) -> bool:
+        """Every item is tagged and every burst in the batch has all its members (counting those
+        an earlier batch took when the burst was larger than ``max_batch_size``)."""
         seen: dict[str, list[int]] = {}
         for _, _, burst in batch:
             if burst is None:
                 return False
-            seen.setdefault(burst[0], [0, int(burst[1])])[0] += 1
+            seen.setdefault(burst[0], [self._burst_taken.get(burst[0], 0), int(burst[1])])[0] += 1
         return all(n >= count for n, count in seen.values())
+
+    def _count_taken(self, batch: list[tuple[Any, asyncio.Future, Any]]) -> None:
+        """Remember how many members of a burst left in this batch (for the next batch's check)."""
+        for _, _, burst in batch:
+            if burst is not None:
+                self._burst_taken[burst[0]] = self._burst_taken.get(burst[0], 0) + 1
+        for key, count in {b[0]: int(b[1]) for _, _, b in batch if b is not None}.items():
+            if self._burst_taken[key] >= count:
+                del self._burst_taken[key]
 
     async def _collect(self) -> list[tuple[Any, asyncio.Future, Any]]:
         batch = [await self._queue.get()]
@@ -87,7 +97,9 @@ class GapBatcher:
 
     async def _run(self) -> None:
         while True:
-            batch = [(item, fut) for item, fut, _ in await self._collect() if not fut.done()]
+            collected = await self._collect()
+            self._count_taken(collected)
+            batch = [(item, fut) for item, fut, _ in collected if not fut.done()]
             if not batch:
                 continue
             try:

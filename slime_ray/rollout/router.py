@@ -97,6 +97,27 @@ class EngineRouter:
         finally:
             self.outstanding[i] -= 1
 
+    @contextlib.asynccontextmanager
+    async def slots_if_free(self, i: int, k: int) -> AsyncIterator[bool]:
+        """Hold ``k`` slots of engine ``i`` at once if they are free now (yields True), else
+        take none (yields False; the caller then goes request by request). Never waits, so a
+        burst never holds part of the slots while it waits for the rest."""
+        if self._slots is None:
+            self._slots = [asyncio.Semaphore(self.max_concurrency) for _ in range(self.num_engines)]
+        sem = self._slots[i]
+        if sem.locked() or sem._value < k:  # asyncio.Semaphore keeps its free count in _value
+            yield False
+            return
+        for _ in range(k):
+            await sem.acquire()  # free and nobody waiting: returns without suspending
+        self.outstanding[i] += k
+        try:
+            yield True
+        finally:
+            self.outstanding[i] -= k
+            for _ in range(k):
+                sem.release()
+
     def state(self) -> dict[str, Any]:
         """``{"outstanding": [...], "healthy": [...], "sessions": int}`` for /health and tests."""
         return {"outstanding": list(self.outstanding),
