@@ -173,6 +173,10 @@ class EngineDeployment:
         """
         if isinstance(weights, (list, tuple)) and len(weights) == 1:
             weights = weights[0]  # [ref] wrapper keeps Ray from resolving the ref in transit
+        from slime_ray.engines.remote import RemoteEngine
+
+        if isinstance(self.engine, RemoteEngine):  # one call to the engine's actor, which reads the ref
+            return await self.engine.update_weights_paused_async(weights, int(weight_version))
         if isinstance(weights, ray.ObjectRef):
             weights = await weights
         await asyncio.to_thread(self.engine.pause)

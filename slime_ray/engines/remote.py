@@ -38,6 +38,20 @@ class EngineHost:
     def weight_version(self) -> int:
         return int(self.engine.weight_version)
 
+    def update_weights_paused(self, weights: Any, weight_version: int) -> int:
+        """The whole sync protocol in one call: pause -> load -> flush caches -> resume.
+
+        ``weights``: the dict, or an ObjectRef to it (passed at top level, Ray resolves it here,
+        straight from the object store: the Serve replica in front never deserializes it).
+        """
+        self.engine.pause()
+        try:
+            self.engine.update_weights(weights, int(weight_version))
+            self.engine.flush_cache()
+        finally:
+            self.engine.resume()
+        return int(self.engine.weight_version)
+
     def weight_sync_call(self, method: str, *args: Any) -> Any:
         """One engine-side step of a GPU weight transport (:func:`slime_ray.sync.receiver.dispatch`)."""
         from slime_ray.sync.receiver import dispatch
@@ -84,6 +98,13 @@ class RemoteEngine(RolloutEngine):
     def update_weights(self, named_tensors: dict[str, torch.Tensor], weight_version: int) -> None:
         self._call("update_weights", named_tensors, int(weight_version))
         self.weight_version = int(weight_version)
+
+    async def update_weights_paused_async(self, weights: Any, weight_version: int) -> int:
+        """:meth:`EngineHost.update_weights_paused` in one actor call (``weights``: a dict or
+        an ObjectRef to one, resolved by the host)."""
+        version = await self.actor.update_weights_paused.remote(weights, int(weight_version))
+        self.weight_version = int(version)
+        return self.weight_version
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         return self._call("get_weights")
