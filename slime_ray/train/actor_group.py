@@ -57,6 +57,10 @@ class TrainerActor:
         """Actor only: advantages for the next ``train``; returns the [B, L] returns (or None)."""
         return self.trainer.compute_advantages(rollout_id, table, values)["returns"]
 
+    def train_and_put_weights(self, rollout_id: int, table: Any, *tensors: Any) -> tuple[dict[str, float], list]:
+        """:meth:`train`, then :meth:`put_weights`: one call when a sync follows (saves a round trip)."""
+        return self.train(rollout_id, table, *tensors), self.put_weights()
+
     def put_weights(self) -> list[ray.ObjectRef]:
         """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it).
         Under FSDP every rank takes part in the gather; only rank 0 puts."""
@@ -95,7 +99,8 @@ class RayTrainGroup:
     def __init__(self, args: Namespace, placement: Placement, role: str = "actor",
                  resource_fraction: float = 1.0) -> None:
         self.world_size = placement.num_actor_bundles
-        self.args, self.placement, self._sync_state = args, placement, None
+        self.args, self.placement, self._sync_state, self.role = args, placement, None, role
+        self._trained_weights: ray.ObjectRef | None = None  # rank 0's weights put by the last train
         base = getattr(placement, "actor_options", None) or (
             {"num_cpus": 1, "num_gpus": 1} if placement.use_gpu else {"num_cpus": args.num_cpus_per_actor})
         opts: dict[str, Any] = {k: v * resource_fraction for k, v in base.items()}
@@ -117,7 +122,23 @@ class RayTrainGroup:
 
         ``tensor_refs``: actor: ``[values]`` (optional); critic: ``old_values, returns``.
         """
+        self._trained_weights = None
+        if self._put_weights_with_train(rollout_id):
+            first = self.actors[0].train_and_put_weights.remote(rollout_id, table_ref, *tensor_refs)
+            rest = [a.train.remote(rollout_id, table_ref, *tensor_refs) for a in self.actors[1:]]
+            (metrics, refs), *_ = ray.get([first, *rest])
+            self._trained_weights = refs[0]
+            return metrics
         return ray.get(self.async_train(rollout_id, table_ref, *tensor_refs))[0]
+
+    def _put_weights_with_train(self, rollout_id: int) -> bool:
+        """Whether rank 0 puts its weights in the object store in the same call as ``train``: the
+        policy on CPU, synced through the object store after this step (the sync then takes the
+        ref without another trainer call). GPU transports and gathering backends sync otherwise."""
+        a = self.args
+        return (self.role == "actor" and not self.placement.use_gpu and a.train_backend != "megatron"
+                and getattr(a, "update_weight_transport", "auto") in ("auto", "object_store")
+                and (rollout_id + 1) % max(1, int(getattr(a, "update_weights_interval", 1) or 1)) == 0)
 
     def async_train(self, rollout_id: int, table_ref: ray.ObjectRef, *tensor_refs: ray.ObjectRef) -> list[ray.ObjectRef]:
         """Start :meth:`train` on every rank; returns one metrics ref per rank."""
@@ -140,7 +161,13 @@ class RayTrainGroup:
         return refs[0]
 
     def weights_ref(self) -> ray.ObjectRef:
-        """An object-store reference to rank 0's weights (HF names -> CPU tensors)."""
+        """An object-store reference to rank 0's weights (HF names -> CPU tensors).
+
+        The ref put by the last :meth:`train` when there is one (taken once: the weights have
+        not changed since), else the trainer puts them now."""
+        if self._trained_weights is not None:
+            ref, self._trained_weights = self._trained_weights, None
+            return ref
         gathers = self.args.train_backend == "megatron" or self.placement.use_gpu
         if gathers and self.world_size > 1:  # FSDP / tensor parallel: every rank gathers
             return ray.get([a.put_weights.remote() for a in self.actors])[0][0]
@@ -163,4 +190,5 @@ class RayTrainGroup:
         return ray.get([a.save.remote(save_dir, rollout_id, extra) for a in self.actors])[0]
 
     def load(self, ckpt_dir: str) -> dict:
+        self._trained_weights = None  # the loaded weights replace the trained ones
         return ray.get([a.load.remote(ckpt_dir) for a in self.actors])[0]
