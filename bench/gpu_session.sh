@@ -67,6 +67,11 @@ elif [ "$part" = A ]; then
     timeout 240 python3 bench/async_vs_sync.py --model /tmp/smol --steps 5 --results "$OUT/async_RESULTS.md" \
       --extra "$X --update-weight-transport object_store" 2>&1 | tail -n 12 | tee "$OUT/async_vs_sync_os.log"
   fi
+elif [ "$part" = A2 ]; then  # A with generation and training of similar length: one engine batch of 128, fp32 training
+  mk 135m /tmp/smol
+  X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --rollout-max-batch-size 128 --train-precision fp32 --recompute-activations --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
+  timeout 300 python3 bench/async_vs_sync.py --model /tmp/smol --steps 4 --results "$OUT/async_RESULTS.md" --extra "$X" \
+    2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"
 else
   mk 135m /tmp/smol
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 2 \
