@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -67,34 +68,61 @@ def batch_from_arrow(table: pa.Table) -> TrainBatch:
     Raises:
         KeyError: if ``train_reward`` is missing (the driver adds it after reward normalisation).
     """
-    tokens = table.column("tokens").to_pylist()
-    rlens = table.column("response_length").to_pylist()
-    masks = table.column("loss_mask").to_pylist()
-    lps = table.column("rollout_log_probs").to_pylist()
-    b = len(tokens)
-    t_max = max((len(t) for t in tokens), default=0)
-    l_max = max(rlens, default=0)
-    tok = torch.zeros(b, t_max, dtype=torch.long)
-    att = torch.zeros(b, t_max, dtype=torch.long)
-    lm = torch.zeros(b, l_max, dtype=torch.float32)
-    rlp = torch.zeros(b, l_max, dtype=torch.float32)
-    for i, (t, n, m, lp) in enumerate(zip(tokens, rlens, masks, lps)):
-        tok[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        att[i, : len(t)] = 1
-        lm[i, :n] = torch.tensor(m[:n], dtype=torch.float32)
-        rlp[i, :n] = torch.tensor(lp[:n], dtype=torch.float32)
-    rl = torch.tensor(rlens, dtype=torch.long)
+    rl_np = _int_column(table, "response_length")
+    tok_np, tlen = _padded_lists(table, "tokens", None, np.int64)
+    lm_np, _ = _padded_lists(table, "loss_mask", rl_np, np.float32)
+    rlp_np, _ = _padded_lists(table, "rollout_log_probs", rl_np, np.float32)
+    tok, lm, rlp = torch.from_numpy(tok_np), torch.from_numpy(lm_np), torch.from_numpy(rlp_np)
+    att = (torch.arange(tok.shape[1])[None, :] < torch.from_numpy(tlen)[:, None]).long()
+    rlens = torch.from_numpy(rl_np)
     return TrainBatch(
         tokens=tok,
         attention_mask=att,
-        prompt_lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long) - rl,
-        response_lengths=rl,
+        prompt_lengths=torch.from_numpy(tlen) - rlens,
+        response_lengths=rlens,
         loss_mask=lm,
         rollout_log_probs=rlp,
         rewards=torch.tensor(table.column("train_reward").to_pylist(), dtype=torch.float32),
         raw_rewards=torch.tensor(table.column("raw_reward").to_pylist(), dtype=torch.float32),
-        sample_index=torch.tensor(table.column("index").to_pylist(), dtype=torch.long),
+        sample_index=torch.from_numpy(_int_column(table, "index")),
     )
+
+
+def _int_column(table: pa.Table, name: str) -> np.ndarray:
+    """An integer column as an int64 numpy array (a fresh, writable copy)."""
+    return np.array(table.column(name).to_numpy(), dtype=np.int64)
+
+
+def _padded_lists(table: pa.Table, name: str, lengths: np.ndarray | None,
+                  dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as a right-padded (zeros) [B, W] array, without Python loops over rows.
+
+    ``lengths`` None keeps every list whole (W = the longest); else row i keeps its first
+    ``lengths[i]`` values (W = max(lengths)) and must have at least that many.
+
+    Returns:
+        (padded [B, W] ``dtype``, list lengths [B] int64).
+    """
+    col = table.column(name)
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    b = len(arr)
+    if b == 0:
+        return np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=np.int64)
+    if arr.null_count:
+        raise ValueError(f"column {name!r} has null lists")
+    offsets = arr.offsets.to_numpy().astype(np.int64)  # [B+1] into arr.values (slice-aware)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    have = offsets[1:] - offsets[:-1]
+    keep = have if lengths is None else lengths
+    if lengths is not None and (have < lengths).any():
+        i = int(np.argmax(have < lengths))
+        raise ValueError(f"column {name!r}: row {i} has {int(have[i])} values, needs {int(lengths[i])}")
+    width = int(keep.max()) if b else 0
+    pos = np.arange(width, dtype=np.int64)[None, :]
+    valid = pos < keep[:, None]  # [B, W]
+    out = np.zeros((b, width), dtype=dtype)
+    out[valid] = values[(offsets[:-1, None] + pos)[valid]]
+    return out, have
 
 
 def step_rank_indices(n: int, global_batch_size: int, step: int, rank: int, world_size: int) -> list[int]:
