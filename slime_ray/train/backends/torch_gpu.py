@@ -205,7 +205,7 @@ def packed_forward_log_probs(model: torch.nn.Module, packed: PackedBatch, batch_
         ``(log_probs [b, L], entropy [b, L] or None)`` float32, 0 beyond each response;
         differentiable. Equal (to float rounding) to the unpacked padded forward.
     """
-    from slime_ray.train.logprobs import entropy_from_logits, log_probs_from_logits
+    from slime_ray.train.logprobs import log_probs_and_entropy
 
     ensure_packed_attention()
     token = _PACKED.set(True)
@@ -216,14 +216,15 @@ def packed_forward_log_probs(model: torch.nn.Module, packed: PackedBatch, batch_
                     max_length_k=packed.max_len, use_cache=False)
     finally:
         _PACKED.reset(token)
-    logits = out.logits[0]  # [M, V]
-    lp = log_probs_from_logits(logits[None], packed.labels[None], temperature)[0]  # [M]
+    # fused, chunked over rows: no fp32 [M, V] copies; the entropy (for logging unless
+    # entropy_grad) comes from the same exp pass as the log-probs
+    lp, ent = log_probs_and_entropy(out.logits[0], packed.labels, temperature, with_entropy,
+                                    entropy_grad and torch.is_grad_enabled())  # [M]
+    del out
     shape = (batch_size, packed.width)
     lp_pad = torch.zeros(shape, dtype=lp.dtype, device=lp.device).index_put((packed.row, packed.col), lp)
-    if not with_entropy:
+    if ent is None:
         return lp_pad, None
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        ent = entropy_from_logits(logits[None], temperature)[0]
     ent_pad = torch.zeros(shape, dtype=ent.dtype, device=ent.device).index_put((packed.row, packed.col), ent)
     return lp_pad, ent_pad
 
