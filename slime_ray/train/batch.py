@@ -40,23 +40,45 @@ class TrainBatch:
         return int(self.tokens.shape[0])
 
     def select(self, idx: list[int] | torch.Tensor) -> "TrainBatch":
-        """Rows ``idx``, with T and L trimmed to what those rows need."""
+        """Rows ``idx``, with T and L trimmed to what those rows need.
+
+        The fields may live on different devices (on GPU the trainer keeps the lengths on the
+        CPU): each is indexed where it is, so with CPU lengths this never waits for the GPU.
+        """
         idx = torch.as_tensor(idx, dtype=torch.long)
-        rl = self.response_lengths[idx]
-        total = self.prompt_lengths[idx] + rl
+        on = {idx.device: idx}
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            if t.device not in on:
+                on[t.device] = index_on(idx, t.device)
+            return t.index_select(0, on[t.device])
+
+        rl = take(self.response_lengths)
+        total = take(self.prompt_lengths) + rl
         t_max = int(total.max()) if len(idx) else 0
         l_max = int(rl.max()) if len(idx) else 0
         return TrainBatch(
-            tokens=self.tokens[idx, :t_max],
-            attention_mask=self.attention_mask[idx, :t_max],
-            prompt_lengths=self.prompt_lengths[idx],
+            tokens=take(self.tokens[:, :t_max]),
+            attention_mask=take(self.attention_mask[:, :t_max]),
+            prompt_lengths=take(self.prompt_lengths),
             response_lengths=rl,
-            loss_mask=self.loss_mask[idx, :l_max],
-            rollout_log_probs=self.rollout_log_probs[idx, :l_max],
-            rewards=self.rewards[idx],
-            raw_rewards=self.raw_rewards[idx],
-            sample_index=self.sample_index[idx],
+            loss_mask=take(self.loss_mask[:, :l_max]),
+            rollout_log_probs=take(self.rollout_log_probs[:, :l_max]),
+            rewards=take(self.rewards),
+            raw_rewards=take(self.raw_rewards),
+            sample_index=take(self.sample_index),
         )
+
+
+def index_on(idx: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row indices as an int64 tensor on ``device``; to a GPU through pinned memory, without
+    waiting for the GPU (a plain host-to-device copy synchronises the stream)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    if idx.device == device:
+        return idx
+    if device.type == "cuda" and idx.device.type == "cpu":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
 
 
 def batch_from_arrow(table: pa.Table) -> TrainBatch:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from slime_ray.train import algorithms as algo
 from slime_ray.train.backends import torch_gpu as gpu
-from slime_ray.train.batch import TrainBatch, batch_from_arrow, micro_batches, step_rank_indices
+from slime_ray.train.batch import TrainBatch, batch_from_arrow, index_on, micro_batches, step_rank_indices
 from slime_ray.train.logprobs import response_log_probs_from_model_logits
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class TorchTrainer:
         for chunk in chunks:
             mb = batch.select(chunk)
             lp, _ = self.forward_log_probs(model, mb, with_entropy=False)
-            out[chunk, : lp.shape[1]] = lp
+            out[:, : lp.shape[1]].index_copy_(0, index_on(chunk, out.device), lp)
         model.train(was_training)
         return out
 
@@ -269,7 +269,9 @@ class TorchTrainer:
         a = self.args
         gbs = a.global_batch_size
         all_rows = list(range(step * gbs, (step + 1) * gbs))
-        norm = dict(num_samples=gbs, num_tokens=float(batch.loss_mask[all_rows].sum().clamp(min=1)),
+        # one host read per step (the lengths live on the CPU); nothing below waits for the GPU
+        # until the metrics are read after the optimizer step
+        norm = dict(num_samples=gbs, num_tokens=float(batch.loss_mask[all_rows[0]: all_rows[-1] + 1].sum().clamp(min=1)),
                     max_len=int(batch.response_lengths[all_rows].max()))
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=self.device)
@@ -277,10 +279,14 @@ class TorchTrainer:
             mb = batch.select(chunk)
             width = mb.loss_mask.shape[1]
             mask = mb.loss_mask
+            rows = index_on(chunk, old_lp.device)
+
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t[:, :width].index_select(0, rows)
+
             lp, ent = self.forward_log_probs(self.model, mb)
-            terms = self._loss_terms(lp, ent, old_lp[chunk, :width], adv[chunk, :width], mask,
-                                     None if ref_lp is None else ref_lp[chunk, :width],
-                                     mb.rollout_log_probs)
+            terms = self._loss_terms(lp, ent, take(old_lp), take(adv), mask,
+                                     None if ref_lp is None else take(ref_lp), mb.rollout_log_probs)
 
             def agg(x: torch.Tensor) -> torch.Tensor:
                 return algo.aggregate_loss(x, mask, a.loss_agg_mode, **norm)
@@ -301,14 +307,17 @@ class TorchTrainer:
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if not self.fsdp:  # FSDP2 reduce-scatters (sums) the gradients itself
+            if not self.fsdp and self.world_size > 1:  # FSDP2 reduce-scatters (sums) the gradients itself
                 self._all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), a.clip_grad if a.clip_grad > 0 else float("inf"))
         self.optimizer.step()
-        sums = self._all_reduce(sums.cpu())
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        host = torch.cat([sums, grad_norm.detach().reshape(1).to(sums)]).cpu()  # the step's one wait
+        sums = self._all_reduce(host[:-1])
         out = dict(zip(METRIC_KEYS, sums.tolist()))
-        out["grad_norm"] = float(grad_norm)
+        out["grad_norm"] = float(host[-1])
         return out
 
     def _loss_terms(self, lp: torch.Tensor, ent: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,

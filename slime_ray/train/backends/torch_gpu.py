@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,13 +97,16 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def batch_to(batch: Any, device: torch.device) -> Any:
-    """A :class:`~slime_ray.train.batch.TrainBatch` with every tensor on ``device``."""
+    """A :class:`~slime_ray.train.batch.TrainBatch` with its tensors on ``device``, except the
+    prompt / response lengths, which stay on the CPU: they size and pack the micro-batches, and
+    reading them there never waits for the GPU."""
     if device.type == "cpu":
         return batch
     import dataclasses
 
+    keep = ("prompt_lengths", "response_lengths")
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
-                                         for f in dataclasses.fields(batch)})
+                                         for f in dataclasses.fields(batch) if f.name not in keep})
 
 
 # ---------------------------------------------------------------------------- micro-batches
@@ -171,27 +175,36 @@ class PackedBatch:
 
 def pack_micro_batch(tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                      response_lengths: torch.Tensor, device: torch.device) -> PackedBatch:
-    """Pack the right-padded ``tokens`` [b, T] (prompt + response per row) into one row."""
-    p = prompt_lengths.tolist()
-    n = response_lengths.tolist()
-    ids, pos, pred, lab, row, col, cu = [], [], [], [], [], [], [0]
-    for i, (pi, ni) in enumerate(zip(p, n)):
-        t = pi + ni
-        off = cu[-1]
-        ids.append(tokens[i, :t])
-        pos.append(torch.arange(t))
-        j = torch.arange(ni)
-        pred.append(off + pi - 1 + j)
-        lab.append(tokens[i, pi: pi + ni])
-        row.append(torch.full((ni,), i))
-        col.append(j)
-        cu.append(off + t)
-    cat = lambda xs: torch.cat(xs).long().to(device, non_blocking=True)  # noqa: E731
+    """Pack the right-padded ``tokens`` [b, T] (prompt + response per row) into one row.
+
+    The index arrays are built on the CPU with numpy from the lengths (CPU lengths: no wait for
+    the GPU) and go to ``device`` in one copy; the tokens are gathered where they are.
+    """
+    import numpy as np
+
+    p = torch.as_tensor(prompt_lengths).cpu().long().numpy().reshape(-1)
+    n = torch.as_tensor(response_lengths).cpu().long().numpy().reshape(-1)
+    b, width = len(p), tokens.shape[1]
+    t = p + n
+    cu = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(t, out=cu[1:])
+    seq = np.arange(b, dtype=np.int64)
+    tok_sample = np.repeat(seq, t)
+    pos = np.arange(cu[-1], dtype=np.int64) - cu[:-1][tok_sample]  # restarts at 0 per sample
+    row = np.repeat(seq, n)
+    col = np.arange(int(n.sum()), dtype=np.int64) - (np.cumsum(n) - n)[row]
+    pred = cu[:-1][row] + p[row] - 1 + col  # packed position whose logits predict response token col
+    flat = tok_sample * width + pos  # position in tokens.reshape(-1)
+    sizes = [len(flat), len(pos), len(pred), len(row), len(col), len(cu)]
+    host = torch.from_numpy(np.concatenate([flat, pos, pred, row, col, cu]))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat_d, pos_d, pred_d, row_d, col_d, cu_d = torch.split(host.to(device, non_blocking=True), sizes)
+    ids = tokens.to(device, non_blocking=True).reshape(-1).index_select(0, flat_d).long()
     return PackedBatch(
-        input_ids=cat(ids)[None], position_ids=cat(pos)[None],
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True),
-        max_len=max(a + b for a, b in zip(p, n)) if p else 0,
-        pred_pos=cat(pred), labels=cat(lab), row=cat(row), col=cat(col), width=max(n, default=0))
+        input_ids=ids[None], position_ids=pos_d[None], cu_seqlens=cu_d.to(torch.int32),
+        max_len=int(t.max()) if b else 0, pred_pos=pred_d, labels=ids.index_select(0, pred_d + 1),
+        row=row_d, col=col_d, width=int(n.max()) if b else 0)
 
 
 def packed_forward_log_probs(model: torch.nn.Module, packed: PackedBatch, batch_size: int,
@@ -247,13 +260,13 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # flash varlen needs fp16/bf16: fp32 q/k/v (fp32 training, or RoPE upcasting under autocast)
     # are cast to the autocast dtype, or take the exact per-sample SDPA path below
     half = query.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda")
-    varlen_kw = _varlen_kwargs(scaling, query.shape[-1]) if query.is_cuda and half else None
+    varlen_kw = _varlen_kwargs(scaling, query.shape[-1], gqa) if query.is_cuda and half else None
     if varlen_kw is not None:
         from torch.nn.attention.varlen import varlen_attn
 
         dt = query.dtype if query.dtype != torch.float32 else torch.get_autocast_dtype("cuda")
         q, k, v = (x[0].transpose(0, 1).to(dt) for x in (query, key, value))  # [N, H, D]
-        if gqa:  # older varlen_attn has no enable_gqa
+        if gqa and not varlen_kw.get("enable_gqa"):  # torch <= 2.11 varlen_attn has no enable_gqa
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mx = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
@@ -267,15 +280,20 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _varlen_kwargs(scaling: float | None, head_dim: int) -> dict[str, Any] | None:
+@functools.lru_cache(maxsize=None)
+def _varlen_kwargs(scaling: float | None, head_dim: int, gqa: bool = False) -> dict[str, Any] | None:
     """Causal keyword arguments for this torch's ``varlen_attn`` (2.11: ``is_causal``; later:
-    ``window_size``), or None when it cannot apply ``scaling`` (then per-sample SDPA)."""
+    ``window_size``, and ``enable_gqa`` for grouped KV heads), or None when it cannot apply
+    ``scaling`` (then per-sample SDPA). Cached: called by every layer of every forward
+    (callers must not modify the returned dict)."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
     kw: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if gqa and "enable_gqa" in params:
+        kw["enable_gqa"] = True
     if scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-12:
         if "scale" not in params:
             return None
