@@ -5,9 +5,13 @@ autocast on GPU, one optimizer step over N samples of P prompt + R response toke
 - bare HF: padded micro-batches of --mbs samples, ``model(input_ids, labels=...)`` (mean token CE).
 - slime_ray: ``TorchTrainer.train`` (GRPO loss, packed micro-batches of --max-tokens tokens,
   --use-rollout-logprobs so no extra old-log-prob forward; entropy for logging only).
+Like for like: both sides use the same AdamW settings (slime_ray's defaults, fused on GPU), the
+same gradient clipping and micro-batches of the same token count (--mbs samples); the config of
+both sides is printed. ``--profile`` prints, per side, the top-15 GPU kernels of one step by time
+and how busy the GPU was (GPU kernel time / wall time: well below 1 means the host is the limit).
 Model FLOPs per token: 6*N_params + 6*layers*hidden*seq (causal attention), fwd+bwd.
 
-    python bench/train_throughput.py [--tiny]
+    python bench/train_throughput.py [--tiny] [--profile]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from bench._common import model_dir, rollout_table, timed  # noqa: E402
 PEAK_BF16 = 790e12
 
 
-def bare_hf_step(model, opt, tokens, mbs, device):
+def bare_hf_step(model, opt, tokens, mbs, device, clip=1.0):
     opt.zero_grad(set_to_none=True)
     n = tokens.shape[0]
     for i in range(0, n, mbs):
@@ -33,8 +37,39 @@ def bare_hf_step(model, opt, tokens, mbs, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=x, labels=x).loss * (x.shape[0] / n)
         loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
     opt.step()
+
+
+def profile_step(name, fn, device, top=15):
+    """Run ``fn`` once under torch.profiler; print its top GPU kernels (CPU ops on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench._common import sync
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    dev = device.type == "cuda"
+
+    def self_time(e):  # microseconds
+        if dev:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    evts = list(prof.key_averages())
+    if dev:
+        evts = [e for e in evts if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    evts = [e for e in evts if self_time(e) > 0]
+    total = sum(self_time(e) for e in evts) or 1.0
+    wall = max((e.time_range.end for e in prof.events()), default=0) - min((e.time_range.start for e in prof.events()), default=0)
+    what = "GPU kernels" if dev else "CPU ops"
+    print(f"--- {name}: top {top} {what} of one step by self time (sum {total / 1e3:.1f} ms"
+          + (f", wall {wall / 1e3:.1f} ms, GPU busy {total / max(wall, 1):.0%})" if dev else ")"), flush=True)
+    for e in sorted(evts, key=self_time, reverse=True)[:top]:
+        print(f"  {self_time(e) / 1e3:9.2f} ms {self_time(e) / total:6.1%} x{e.count:<5d} {e.key[:110]}", flush=True)
 
 
 def main() -> None:
@@ -45,12 +80,14 @@ def main() -> None:
     p.add_argument("--response-len", type=int, default=768)
     p.add_argument("--mbs", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="print the top-15 GPU kernels of one step per side")
     a = p.parse_args()
     if a.tiny:
         a.samples, a.prompt_len, a.response_len, a.mbs, a.steps = 8, 8, 24, 4, 2
     from transformers import AutoModelForCausalLM
 
     from slime_ray.args import parse_args
+    from slime_ray.train.backends import torch_gpu as gpu
     from slime_ray.train.backends.torch_backend import TorchTrainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,23 +99,44 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq
     table = rollout_table(a.samples, a.prompt_len, a.response_len, cfg.vocab_size)
-
-    # bare HF loop
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda" or None)
-    toks = torch.tensor(table.column("tokens").to_pylist())
-    bare_hf_step(model, opt, toks, a.mbs, device)  # warm-up
-    _, t_bare = timed(lambda: [bare_hf_step(model, opt, toks, a.mbs, device) for _ in range(a.steps)])
-    del model, opt
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-
     _, args = parse_args(["--hf-checkpoint", path, "--prompt-data", "x.jsonl", "--rollout-batch-size",
                           str(a.samples // 8), "--n-samples-per-prompt", "8", "--lr", "1e-6",
                           "--use-rollout-logprobs", "--use-dynamic-batch-size",
                           "--max-tokens-per-gpu", str(a.mbs * seq)])
+    fused = device.type == "cuda" or None
+    adamw = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                 weight_decay=args.weight_decay, fused=fused)
+    chunks = gpu.token_budget_micro_batches(list(range(a.samples)), [seq] * a.samples, args.max_tokens_per_gpu)
+    print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, "
+          f"{a.samples} samples x ({a.prompt_len} prompt + {a.response_len} response) tokens, 1 optimizer step, "
+          f"bf16 autocast={device.type == 'cuda'}, AdamW {adamw}, clip_grad={args.clip_grad}")
+    print(f"bare_hf:   {-(-a.samples // a.mbs)} padded micro-batches of {a.mbs} samples = {a.mbs * seq} tokens, "
+          f"mean-token CE over all {seq} positions, SDPA attention")
+    print(f"slime_ray: {len(chunks)} packed micro-batches of {[len(c) * seq for c in chunks]} tokens "
+          f"(--max-tokens-per-gpu {args.max_tokens_per_gpu}), GRPO loss on the {a.response_len} response "
+          f"positions, entropy_coef={args.entropy_coef} (entropy for logging), "
+          f"attention={'varlen flash' if device.type == 'cuda' else 'per-sample SDPA'}", flush=True)
+
+    # bare HF loop
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), **adamw)
+    toks = torch.tensor(table.column("tokens").to_pylist())
+
+    def bare():
+        bare_hf_step(model, opt, toks, a.mbs, device, args.clip_grad)
+
+    bare()  # warm-up
+    _, t_bare = timed(lambda: [bare() for _ in range(a.steps)])
+    if a.profile:
+        profile_step("bare_hf", bare, device)
+    del model, opt
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
     tr = TorchTrainer(args)
     tr.train(0, table)  # warm-up
     _, t_ours = timed(lambda: [tr.train(i + 1, table) for i in range(a.steps)])
+    if a.profile:
+        profile_step("slime_ray", lambda: tr.train(a.steps + 1, table), device)
 
     for name, t in (("bare_hf", t_bare), ("slime_ray", t_ours)):
         tps = tokens_per_step * a.steps / t
