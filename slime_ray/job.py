@@ -44,8 +44,8 @@ def check_backends(args: Namespace) -> None:
     """Stop before any resource is taken when the chosen engine or training backend is missing.
 
     Raises:
-        ConfigError / ImportError: naming the extra to install (``slime_ray[sglang]``,
-        ``slime_ray[megatron]``) or the parallel size that does not fit.
+        ConfigError: naming the extra to install (``slime_ray[sglang]``, ``slime_ray[megatron]``)
+        or the parallel size that does not fit.
     """
     from slime_ray.engines.sglang import check_engine_choice
 
@@ -55,7 +55,10 @@ def check_backends(args: Namespace) -> None:
 
         from slime_ray.args import ConfigError
 
-        check_megatron_available()
+        try:
+            check_megatron_available()
+        except ImportError as err:  # bad input (a flag for a missing extra), not a bug: one line
+            raise ConfigError(str(err)) from None
         try:
             parallel_sizes(args.megatron_args, args.actor_num_nodes * args.actor_num_gpus_per_node)
         except (ValueError, NotImplementedError) as err:

@@ -185,3 +185,28 @@ def test_cli_prints_one_line_for_bad_input(tmp_path):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("slime_ray: error: --use-kl-loss and --kl-coef") and "Traceback" not in out.stderr
+
+
+def test_cli_missing_megatron_is_one_line_before_ray(model):
+    """--train-backend megatron without megatron-core: one 'slime_ray: error:' line naming the extra,
+    exit code 2, before Ray starts (megatron-core hidden from the import system)."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, runpy, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a, **k: None if n.startswith('megatron') else real(n, *a, **k)\n"
+        f"sys.argv = ['grpo.py', '--hf-checkpoint', {str(model)!r},\n"
+        f"            '--prompt-data', {str(root / 'examples/math_grpo/train.jsonl')!r}, '--input-key', 'prompt',\n"
+        "            '--label-key', 'label', '--train-backend', 'megatron', '--tensor-model-parallel-size', '2']\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        f"runpy.run_path({str(root / 'jobs/grpo.py')!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("slime_ray: error: --train-backend megatron needs megatron-core")
+    assert "pip install 'slime_ray[megatron]'" in lines[-1] and "Traceback" not in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
