@@ -723,6 +723,8 @@ class SGLangEngine(RolloutEngine):
         if self.process is not None and not self.process.alive():
             return {**info, "ok": False, "reason": self.process.exit_reason()}
         if not self.client.health_generate():
+            if self.process is not None and not self.process.alive():  # it died while we asked
+                return {**info, "ok": False, "reason": self.process.exit_reason()}
             return {**info, "ok": False, "reason": f"{self.client.base_url}/health_generate did not answer 200"}
         return {**info, "ok": True}
 
