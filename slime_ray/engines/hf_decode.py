@@ -38,6 +38,7 @@ top-k or top-p: temperature, top_p and top_k are device tensors, not graph const
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -221,6 +222,16 @@ class DecodeResult:
     stats: dict[str, float]
 
 
+def _with_grouped_attention(fn):
+    """Run ``fn`` (a :class:`StaticDecoder` method) with the model switched to grouped-query
+    attention when ``self.grouped_attention`` (see :func:`use_grouped_attention`)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with use_grouped_attention(self.model, self.grouped_attention):
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
 class StaticDecoder:
     """Static-KV-cache generation loop for one model (see the module docstring).
 
@@ -310,6 +321,7 @@ class StaticDecoder:
         return slot
 
     @torch.no_grad()
+    @_with_grouped_attention
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -344,25 +356,6 @@ class StaticDecoder:
         Raises:
             ValueError: mismatched lengths, or ``cache_new_tokens`` < max(max_new_tokens).
         """
-        with use_grouped_attention(self.model, self.grouped_attention):
-            return self._generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                  active=active, cache_new_tokens=cache_new_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, abort_event=abort_event)
-
-    def _generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        max_new_tokens: list[int],
-        stop_ids: list[set[int] | list[int]],
-        active: list[bool],
-        cache_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        abort_event: threading.Event | None,
-    ) -> DecodeResult:
         batch, prompt_len = input_ids.shape
         same_rows = len(max_new_tokens) == len(stop_ids) == len(active) == batch
         if not same_rows or attention_mask.shape != input_ids.shape:
