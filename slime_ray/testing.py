@@ -107,3 +107,22 @@ def make_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def trainer_log_probs(model, prompt_ids: list[int], output_ids: list[int], temperature: float):
+    """Trainer-style reference log-probs of a response: one forward on prompt + response, the
+    logits at the previous position divided by ``temperature``, float32 ``log_softmax`` of the
+    emitted token. Returns a ``[R]`` float32 tensor (R = len(output_ids)); what engine log-probs
+    are checked against in the tests."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float() / temperature  # [R, V]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None]).squeeze(-1)
+
+
+def engine_request(engine, text: str, **sampling_params) -> dict:
+    """A generate request of ``text`` (tokenized by ``engine.tokenizer``) asking for log-probs."""
+    return {"input_ids": engine.tokenizer.encode(text), "sampling_params": sampling_params,
+            "return_logprob": True}

@@ -18,7 +18,9 @@ from slime_ray.engines.hf_attention import (
 )
 from slime_ray.engines.hf_compile import dynamo_graph_count
 from slime_ray.engines.hf_decode import StaticDecoder
+from slime_ray.testing import engine_request as _req
 from slime_ray.testing import make_tiny_model_dir
+from slime_ray.testing import trainer_log_probs as _trainer_log_probs
 
 PROMPTS = ["What is 3 + 4?", "Tom has 12 apples and buys 7 more. How many", "hi", "Compute 6 * 9."]
 
@@ -38,15 +40,6 @@ def static(model_dir):
     return HFEngine(model_dir, decode_loop="static", bucket=True, batch_buckets="2,8")
 
 
-def _req(engine, text, **sp):
-    return {"input_ids": engine.tokenizer.encode(text), "sampling_params": sp, "return_logprob": True}
-
-
-def _trainer_log_probs(model, prompt_ids, output_ids, temperature):
-    ids = torch.tensor([prompt_ids + output_ids])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature  # [R, V]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None]).squeeze(-1)
 
 
 def test_modes_resolved(gen, static, model_dir):
@@ -178,6 +171,18 @@ def _attn_spy(model):
 def test_tiny_model_is_gqa(static):
     cfg = static.model.config
     assert cfg.num_key_value_heads < cfg.num_attention_heads and supports_grouped_attention(static.model)
+
+
+def test_model_with_attention_sinks_keeps_its_attention(model_dir):
+    """A model whose attention has sinks (gpt-oss) is not switched: the grouped path does not model them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert supports_grouped_attention(model)
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(model.config.num_attention_heads))
+    assert not supports_grouped_attention(model)
+    with use_grouped_attention(model) as switched:
+        assert switched is False and model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("q_len", [1, 3, 40])

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from slime_ray.engines.hf import HFEngine
+from slime_ray.testing import engine_request as _req
 from slime_ray.testing import make_tiny_model_dir
+from slime_ray.testing import trainer_log_probs as _trainer_log_probs
 
 PROMPTS = ["What is 3 + 4?", "Tom has 12 apples and buys 7 more. How many", "hi"]
 
@@ -24,16 +26,6 @@ def engine(model_dir):
     return HFEngine(model_dir)
 
 
-def _req(engine, text, **sp):
-    return {"input_ids": engine.tokenizer.encode(text), "sampling_params": sp, "return_logprob": True}
-
-
-def _trainer_log_probs(model, prompt_ids, output_ids, temperature):
-    """Trainer-style: one forward on prompt+response, logits / T at the previous position."""
-    ids = torch.tensor([prompt_ids + output_ids])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature  # [R, V]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
