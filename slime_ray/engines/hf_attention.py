@@ -126,8 +126,12 @@ def _attn_config(model: torch.nn.Module):
 
 
 def supports_grouped_attention(model: torch.nn.Module) -> bool:
-    """True for a model with fewer KV heads than query heads running SDPA or eager attention."""
+    """True for a model with fewer KV heads than query heads running SDPA or eager attention,
+    and without attention sinks (gpt-oss style ``sinks`` parameters, which the grouped path does
+    not model: such a model keeps its own attention)."""
     config = _attn_config(model)
+    if any(hasattr(m, "sinks") for m in model.modules()):
+        return False
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return (
