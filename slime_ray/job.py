@@ -65,6 +65,24 @@ def check_backends(args: Namespace) -> None:
             raise ConfigError(f"{err} (the training ranks are --actor-num-nodes x --actor-num-gpus-per-node)") from None
 
 
+def check_megatron_model(args: Namespace) -> None:
+    """``--train-backend megatron``: the model converts and splits (before any resource is taken).
+
+    Raises:
+        ConfigError: naming ``--hf-checkpoint`` and the field or feature that does not fit.
+    """
+    from transformers import AutoConfig
+
+    from slime_ray.args import ConfigError
+    from slime_ray.train.backends.megatron import model_spec, parallel_sizes
+
+    tp = parallel_sizes(args.megatron_args, args.actor_num_nodes * args.actor_num_gpus_per_node)[0]
+    try:
+        model_spec(args.megatron_args, AutoConfig.from_pretrained(args.hf_checkpoint), tp)
+    except (ValueError, NotImplementedError) as err:
+        raise ConfigError(f"--hf-checkpoint {args.hf_checkpoint} with --train-backend megatron: {err}") from None
+
+
 def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
     """Resolve the model folder and load the prompts (before any resource is taken).
 
@@ -81,6 +99,8 @@ def prepare_inputs(args: Namespace) -> tuple[Any, list[dict]]:
 
     check_backends(args)
     args.hf_checkpoint = resolve_hf_checkpoint(args.hf_checkpoint)
+    if args.train_backend == "megatron":
+        check_megatron_model(args)
     tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
     if getattr(args, "streaming_data", False):  # read as a Ray Data stream by make_data_source
         if args.num_rollout is None:

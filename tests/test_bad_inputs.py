@@ -128,6 +128,10 @@ CASES = {
     "eval_data_missing": (lambda t, m: __import__("slime_ray.rollout.eval", fromlist=["Evaluator"]).Evaluator.from_args(
         _args(t, m, extra=["--eval-prompt-data", "aime", str(t / "nope.jsonl")])),
         DataError, "--eval-prompt-data aime"),
+    "megatron_tp_does_not_split_model": (lambda t, m: _prepare(_args(t, m, extra=[
+        "--train-backend", "megatron", "--tensor-model-parallel-size", "4", "--actor-num-gpus-per-node", "4",
+        "--rollout-batch-size", "2", "--global-batch-size", "4"])),
+        ConfigError, "with --train-backend megatron: --tensor-model-parallel-size 4 does not divide num_query_groups=2"),
 }
 
 

@@ -83,6 +83,23 @@ def parallel_sizes(megatron_args: Mapping[str, Any], world_size: int) -> tuple[i
     return tp, pp, world_size // (tp * pp)
 
 
+def model_spec(megatron_args: Mapping[str, Any], hf_config: Any, tp: int) -> conv.ModelSpec:
+    """The Megatron spec of an HF config, checked against ``MODEL_ARGS`` and split ``tp`` ways.
+
+    Called by the driver before any resource is taken (``job.prepare_inputs``) and by each rank.
+
+    Raises:
+        ValueError: a ``MODEL_ARGS`` value that contradicts the HF config (the field is named), or a
+            size that ``tp`` does not divide; NotImplementedError: a model family or feature the
+            converter does not handle (rope scaling, MLP biases, non-SwiGLU, MoE).
+    """
+    conv.check_model_args(megatron_args, hf_config)
+    divisible = int(megatron_args.get("make-vocab-size-divisible-by", 128))
+    spec = conv.ModelSpec.from_hf_config(hf_config, divisible, tp)
+    spec.check_tp(tp)
+    return spec
+
+
 def _patch_for_cpu() -> None:
     """Let Megatron-core's forward run without CUDA (no-op when CUDA is available).
 
@@ -234,10 +251,7 @@ class MegatronTrainer(TorchTrainer):
         if getattr(args, "torch_num_threads", None):
             torch.set_num_threads(int(args.torch_num_threads))
         self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
-        conv.check_model_args(self.megatron_args, self.hf_config)
-        divisible = int(self.megatron_args.get("make-vocab-size-divisible-by", 128))
-        self.spec = conv.ModelSpec.from_hf_config(self.hf_config, divisible, self.tp)
-        self.spec.check_tp(self.tp)
+        self.spec = model_spec(self.megatron_args, self.hf_config, self.tp)
         self.model = self.ref_model = self.optimizer = None
         self.step = 0
         self._prepared = None  # TorchTrainer.compute_advantages -> train cache
