@@ -31,6 +31,7 @@ def model_dir(kind: str, out: str | None = None, tiny: bool = False, vocab_size:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = out or tempfile.mkdtemp(prefix=f"bench_{kind}_")
+    Path(out).mkdir(parents=True, exist_ok=True)
     for f in ASSETS.iterdir():
         if f.name != "config.json":
             shutil.copy(f, out)
