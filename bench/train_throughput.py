@@ -70,6 +70,34 @@ def profile_step(name, fn, device, top=15):
           + (f", wall {wall / 1e3:.1f} ms, GPU busy {total / max(wall, 1):.0%})" if dev else ")"), flush=True)
     for e in sorted(evts, key=self_time, reverse=True)[:top]:
         print(f"  {self_time(e) / 1e3:9.2f} ms {self_time(e) / total:6.1%} x{e.count:<5d} {e.key[:110]}", flush=True)
+    if dev:  # where the host spends the step (the GPU waits on it when busy is well below 1)
+        cpu = [e for e in prof.key_averages() if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA
+               and e.self_cpu_time_total > 0]
+        cpu_total = sum(e.self_cpu_time_total for e in cpu) or 1.0
+        print(f"--- {name}: top {top} host ops by self CPU time (sum {cpu_total / 1e3:.1f} ms, "
+              f"{sum(e.count for e in cpu)} calls)", flush=True)
+        for e in sorted(cpu, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+            print(f"  {e.self_cpu_time_total / 1e3:9.2f} ms x{e.count:<6d} {e.key[:100]}", flush=True)
+
+
+def sync_points(name, fn, device):
+    """Run ``fn`` once with CUDA's sync debug mode on; print where it made the host wait for the GPU."""
+    import collections
+    import warnings
+
+    if device.type != "cuda":
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
+                                if "synchronizing" in str(w.message))
+    print(f"--- {name}: {sum(where.values())} host waits for the GPU in one step: "
+          + ", ".join(f"{k} x{v}" for k, v in where.most_common(12)), flush=True)
 
 
 def main() -> None:
@@ -129,6 +157,7 @@ def main() -> None:
     _, t_bare = timed(lambda: [bare() for _ in range(a.steps)])
     if a.profile:
         profile_step("bare_hf", bare, device)
+        sync_points("bare_hf", bare, device)
     del model, opt
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -137,6 +166,7 @@ def main() -> None:
     _, t_ours = timed(lambda: [tr.train(i + 1, table) for i in range(a.steps)])
     if a.profile:
         profile_step("slime_ray", lambda: tr.train(a.steps + 1, table), device)
+        sync_points("slime_ray", lambda: tr.train(a.steps + 2, table), device)
 
     for name, t in (("bare_hf", t_bare), ("slime_ray", t_ours)):
         tps = tokens_per_step * a.steps / t

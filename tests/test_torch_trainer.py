@@ -86,3 +86,47 @@ def test_save_and_load_round_trip(model_dir, tmp_path):
     assert meta["note"] == "x"
     wa, wb = tr.get_weights(), other.get_weights()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) == 0.0
+
+
+def _count_old_forwards(tr):
+    calls = []
+    orig = tr._log_probs_rows
+
+    def counted(model, batch, chunks):
+        calls.append(model is tr.model)
+        return orig(model, batch, chunks)
+
+    tr._log_probs_rows = counted
+    return calls
+
+
+def test_one_optimizer_step_uses_the_training_forward_as_old_log_probs(model_dir):
+    # one optimizer step per rollout (global batch = rollout): the old log-probs are the training
+    # forward's own, detached -> no separate policy forward, and the same step as with the forward
+    args = _args(model_dir, "--use-kl-loss", "--kl-loss-coef", "0.1", "--micro-batch-size", "2",
+                 "--use-tis", "--clip-grad", "0")
+    skip, full = TorchTrainer(args), TorchTrainer(copy.deepcopy(args))
+    full._old_is_current = lambda steps: False  # slime's behaviour: always recompute
+    calls_skip, calls_full = _count_old_forwards(skip), _count_old_forwards(full)
+    t = _table()
+    m_skip, m_full = skip.train(0, t), full.train(0, t)
+    assert calls_skip == [False]          # only the reference model's forward
+    assert calls_full == [True, False]    # old policy + reference
+    for k in ("train/loss", "train/pg_loss", "train/kl_loss", "train/entropy", "train/tis", "train/grad_norm"):
+        assert m_skip[k] == pytest.approx(m_full[k], rel=1e-5, abs=1e-7), k
+    assert m_skip["train/ppo_kl"] == 0.0 and abs(m_full["train/ppo_kl"]) < 1e-8
+    for (n, p), q in zip(skip.model.named_parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--global-batch-size", "4"],                                   # two optimizer steps per rollout
+    ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.05"],  # KL in the reward needs them
+])
+def test_old_log_probs_are_recomputed_when_they_differ_from_the_training_forward(model_dir, extra):
+    tr = TorchTrainer(_args(model_dir, "--micro-batch-size", "2", *extra))
+    calls = _count_old_forwards(tr)
+    m = tr.train(0, _table())
+    assert calls[0] is True, "the old policy's forward must run"
+    if "--global-batch-size" in extra:  # the second step's ratio moved off 1
+        assert m["train/ppo_kl"] != 0.0

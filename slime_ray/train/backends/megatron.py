@@ -384,7 +384,8 @@ class MegatronTrainer(TorchTrainer):
         a = self.args
         width, mask = mb.loss_mask.shape[1], mb.loss_mask
         lp, ent = self.forward_log_probs(self.model, mb)
-        terms = self._loss_terms(lp, ent, old_lp[chunk, :width], adv[chunk, :width], mask,
+        old = lp.detach() if old_lp is None else old_lp[chunk, :width]  # None: see TorchTrainer._old_is_current
+        terms = self._loss_terms(lp, ent, old, adv[chunk, :width], mask,
                                  None if ref_lp is None else ref_lp[chunk, :width], mb.rollout_log_probs)
 
         def agg(x: torch.Tensor) -> torch.Tensor:

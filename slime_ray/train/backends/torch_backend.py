@@ -210,7 +210,12 @@ class TorchTrainer:
         step_chunks = [self._step_chunks(batch, s) for s in range(n // gbs)]
         chunks = [c for sc in step_chunks for c in sc]
         my_rows = sorted(r for c in chunks for r in c)
-        old_lp = batch.rollout_log_probs.clone() if a.use_rollout_logprobs else self._log_probs_rows(self.model, batch, chunks)
+        if a.use_rollout_logprobs:
+            old_lp = batch.rollout_log_probs.clone()
+        elif self._old_is_current(n // gbs):
+            old_lp = None  # each micro-batch takes its own training forward's log-probs, detached
+        else:
+            old_lp = self._log_probs_rows(self.model, batch, chunks)
         ref_lp = self._log_probs_rows(self.ref_model, batch, chunks) if self.ref_model is not None else None
         if values is not None:
             values = values[:, : batch.loss_mask.shape[1]].float().to(self.device)  # [B, L]
@@ -253,6 +258,24 @@ class TorchTrainer:
         self.step += 1
         return {**{f"train/{k}": v for k, v in totals.items()}, "perf/logprob_time": logprob_time}
 
+    def _old_is_current(self, optimizer_steps: int) -> bool:
+        """Whether the old policy's log-probs equal the training forward's own (detached).
+
+        True with one optimizer step per rollout, when the advantages do not need the old
+        log-probs (no reward-side KL: ``--kl-coef 0`` or an estimator without it) and the model has
+        no dropout: every micro-batch of that step is then computed with the weights the old
+        log-probs would be computed with, on the same shapes, so the separate no-grad forward
+        (one full forward pass over the batch) is skipped; ``train/ppo_kl`` is 0 and the clip
+        inactive, as they would be up to float rounding. TRL's GRPOTrainer and verl skip it in
+        the same case; slime recomputes it.
+        """
+        a = self.args
+        if optimizer_steps != 1 or (a.kl_coef and a.advantage_estimator in (
+                "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")):
+            return False
+        return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()) and \
+            not any(float(getattr(self.model.config, k, 0) or 0) > 0 for k in ("attention_dropout", "hidden_dropout"))
+
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Masked whitening over every rank's rows (Bessel-corrected), see ``whiten_advantages``."""
         m = torch.zeros_like(mask)
@@ -279,13 +302,13 @@ class TorchTrainer:
             mb = batch.select(chunk)
             width = mb.loss_mask.shape[1]
             mask = mb.loss_mask
-            rows = index_on(chunk, old_lp.device)
+            rows = index_on(chunk, adv.device)
 
             def take(t: torch.Tensor) -> torch.Tensor:
                 return t[:, :width].index_select(0, rows)
 
             lp, ent = self.forward_log_probs(self.model, mb)
-            terms = self._loss_terms(lp, ent, take(old_lp), take(adv), mask,
+            terms = self._loss_terms(lp, ent, lp.detach() if old_lp is None else take(old_lp), take(adv), mask,
                                      None if ref_lp is None else take(ref_lp), mb.rollout_log_probs)
 
             def agg(x: torch.Tensor) -> torch.Tensor:
