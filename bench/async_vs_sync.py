@@ -97,6 +97,15 @@ def breakdown(r: dict) -> dict[str, float]:
     return out
 
 
+def perf_medians(r: dict) -> dict[str, float]:
+    """Median over steps 1.. of every ``perf/*`` metric (seconds for ``*_time``) of one loop."""
+    import statistics as st
+
+    rows = r["perf"][1:] or r["perf"]
+    keys = sorted({k for p in rows for k in p})
+    return {k[len("perf/"):]: st.median(p[k] for p in rows if k in p) for k in keys}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF folder or 'smollm2-135m-instruct' (default: tiny random model)")
@@ -124,12 +133,16 @@ def main() -> None:
         results[mod] = (per_step_s(r["ts"]), r["last"])
         if mod == "grpo":
             results["breakdown"] = breakdown(r)
+        else:
+            results["async_perf"] = perf_medians(r)
         print(f"{mod:>10}: {results[mod][0]:.2f} s/step  (last step: " +
               ", ".join(f"{k}={v:.3g}" for k, v in sorted(r["last"].items())) + ")", flush=True)
     ratio = results["grpo"][0] / results["grpo_async"][0]
     bd = results["breakdown"]
     bd_line = " | ".join(f"{k} {v:.3f}" for k, v in bd.items())
     print(f"sync loop step breakdown (median s, steps 1..): {bd_line}")
+    ap_line = " | ".join(f"{k} {v:.3f}" for k, v in results["async_perf"].items())
+    print(f"async loop perf metrics (median, steps 1..): {ap_line}")
     print(f"speed-up sync/async: {ratio:.2f}x")
     cmd = "python bench/async_vs_sync.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     with open(a.results, "a") as f:
@@ -139,7 +152,8 @@ def main() -> None:
                 f"| sync (jobs/grpo.py) | {results['grpo'][0]:.2f} |\n"
                 f"| async (jobs/grpo_async.py) | {results['grpo_async'][0]:.2f} |\n"
                 f"| ratio sync/async | {ratio:.2f}x |\n\n"
-                f"sync loop, one step (median s over steps 1..): {bd_line}\n")
+                f"sync loop, one step (median s over steps 1..): {bd_line}\n\n"
+                f"async loop perf metrics (median over steps 1..): {ap_line}\n")
 
 
 if __name__ == "__main__":
