@@ -66,6 +66,8 @@ WORKER_SPANS = [  # (module, class, method, span name): timed in every Ray worke
     ("slime_ray.engines.hf", "HFEngine", "update_weights", "w.engine_update_weights"),
     ("slime_ray.train.backends.torch_backend", "TorchTrainer", "train", "w.trainer_train"),
     ("slime_ray.train.backends.torch_backend", "TorchTrainer", "get_weights", "w.trainer_get_weights"),
+    ("slime_ray.train.backends.torch_backend", "TorchTrainer", "_optimizer_step", "w.trainer_optimizer_step"),
+    ("slime_ray.train.actor_group", "TrainerActor", "put_weights", "w.trainer_put_weights"),
     ("serve_apps.rollout_app", "EngineDeployment", "_generate_batch", "w.replica_generate_batch"),
     ("serve_apps.rollout_app", "EngineDeployment", "update_weights", "w.replica_update_weights"),
 ]
@@ -129,6 +131,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=None, help="HF folder (default: a tiny random model)")
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     a = p.parse_args()
     os.environ.setdefault("RAY_ADDRESS", "local")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -142,7 +148,7 @@ def main() -> None:
     from slime_ray.tracking import Tracker
     from slime_ray.train import actor_critic, actor_group
 
-    model = str(make_tiny_model_dir(tempfile.mkdtemp()))
+    model = a.model or str(make_tiny_model_dir(tempfile.mkdtemp()))
     ray.init(address="local", include_dashboard=False, num_cpus=max(4, os.cpu_count() or 2),
              runtime_env={"worker_process_setup_hook": worker_hook,
                           "env_vars": {"SLIME_RAY_SPAN_FILE": SPAN_FILE}})
@@ -216,9 +222,10 @@ def main() -> None:
 
     db = Path(tempfile.mkdtemp()) / "mlflow.db"
     argv = ["--hf-checkpoint", model, "--prompt-data", str(DATA), "--input-key", "prompt",
-            "--label-key", "label", "--apply-chat-template", "--rollout-batch-size", "4",
-            "--n-samples-per-prompt", "4", "--global-batch-size", "16", "--micro-batch-size", "16",
-            "--num-rollout", str(a.steps), "--rollout-max-response-len", "32", "--rollout-temperature", "1.0",
+            "--label-key", "label", "--apply-chat-template", "--rollout-batch-size", str(a.prompts_per_step),
+            "--n-samples-per-prompt", str(a.group_size), "--global-batch-size", str(a.prompts_per_step * a.group_size),
+            "--micro-batch-size", str(a.prompts_per_step * a.group_size), "--num-rollout", str(a.steps),
+            "--rollout-max-response-len", str(a.max_new_tokens), "--rollout-temperature", "1.0",
             "--advantage-estimator", "grpo", "--lr", "1e-6", "--torch-num-threads", str(a.threads),
             "--mlflow-tracking-uri", f"sqlite:///{db}", "--run-name", "overhead"]
     t_start = time.perf_counter()
@@ -229,7 +236,7 @@ def main() -> None:
     print(f"\nmedian over steps {n + 1}..{a.steps - 1} (seconds; step gap = log_metrics to log_metrics):")
     order = ["step_gap", "rollout", "rollout.engine_wall", "rollout.reward", "table", "put_table", "train", "sync",
              "sync.weights_ref", "sync.update_weights", "log_metrics", "print", "other",
-             "w.replica_generate_batch", "w.engine_generate", "w.trainer_train", "w.trainer_get_weights",
+             "w.replica_generate_batch", "w.engine_generate", "w.trainer_train", "w.trainer_optimizer_step", "w.trainer_get_weights", "w.trainer_put_weights",
              "w.replica_update_weights", "w.engine_update_weights"]
     for k in order + sorted(set(SPANS) - set(order)):
         v = SPANS.get(k, [])[n:]

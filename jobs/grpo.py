@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> job.JobResult:
             job.onload_rollout(args, rollout.client)
             if checkpoint.should_save(args, rollout_id):
                 t.run("save", checkpoint.save, args, actor, rollout_id, data_source, rollout_id + 1, tracker.run_id)
+            sync_metrics = {}
             if (rollout_id + 1) % args.update_weights_interval == 0:
-                t.run("sync", actor.sync_weights, rollout.client, rollout_id + 1)
+                sync_metrics = {"sync/bytes": t.run("sync", actor.sync_weights, rollout.client,
+                                                    rollout_id + 1).get("sync/bytes", 0.0)}
         except ray.exceptions.RayActorError as err:                 # a trainer rank died: last checkpoint
             actor, rollout_id = recovery.restart(err, actor, rollout_id, data_source, rollout.client)
             continue
-        metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times,
+        metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times, **sync_metrics,
                    "perf/train_tokens_per_s": table_metrics["rollout/total_tokens"] / t.times["perf/train_time"],
                    "rollout/weight_version": float(max(s.weight_version or 0 for g in groups for s in g))}
         tracker.log_metrics(metrics, step=rollout_id)

@@ -186,3 +186,21 @@ def test_in_place_update_checks_and_fallbacks(tmp_path):
     eng.update_weights({norm: torch.full((eng.model.model.norm.weight.numel(),), 2.0)}, 6)
     assert eng.model.model.norm.weight.eq(2.0).all() and eng.weight_version == 6
     assert eng._flat_layout.valid()
+
+
+def test_packed_state_dict_round_trip_is_exact_for_every_dtype():
+    import pickle
+
+    from slime_ray.sync.transport import PackedStateDict, as_tensors
+
+    sd = {"w32": torch.randn(3, 5), "wbf16": torch.randn(4, 2).to(torch.bfloat16),
+          "w16": torch.randn(2, 2).half(), "ids": torch.arange(6).reshape(2, 3),
+          "t": torch.randn(5, 3).t()}  # non-contiguous
+    packed = pickle.loads(pickle.dumps(PackedStateDict(sd), protocol=5))
+    out = as_tensors(packed)
+    assert list(out) == list(sd)
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        assert torch.equal(out[k], v), k
+    assert packed.views == {"wbf16": torch.bfloat16}  # numpy has no bfloat16: an int16 view
+    assert as_tensors(sd) is sd  # plain dicts pass through

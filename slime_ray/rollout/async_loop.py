@@ -25,7 +25,6 @@ import time
 from argparse import Namespace
 from typing import Any
 
-import ray
 
 from slime_ray.args import ConfigError
 from slime_ray.types import Sample
@@ -225,11 +224,6 @@ class RolloutProducer:
         self._thread.join(timeout=60)
 
 
-@ray.remote(num_cpus=0)
-def _nbytes(weights: Any) -> int:
-    return int(sum(t.numel() * t.element_size() for t in weights.values()))
-
-
 class WeightSyncer:
     """Trainer -> engines weight sync with version bookkeeping, time and bytes.
 
@@ -244,15 +238,14 @@ class WeightSyncer:
         self._bytes: int | None = None
 
     def __call__(self, weight_version: int) -> dict[str, float]:
-        """Push the trainer's weights as ``weight_version``; returns ``perf/sync_time`` (s),
-        ``sync/bytes`` (bytes sent to each engine) and ``sync/weight_version``."""
+        """Push the trainer's weights as ``weight_version`` with ``--update-weight-transport``
+        (the sync loop's :meth:`~slime_ray.train.actor_group.RayTrainGroup.sync_weights`: object
+        store on CPU, CUDA IPC colocated, NCCL across GPUs); returns ``perf/sync_time`` (s),
+        ``sync/bytes`` (bytes sent to the engines) and ``sync/weight_version``."""
         t0 = time.perf_counter()
-        ref = self.actor.weights_ref()
-        self.client.update_weights(ref, weight_version)
+        out = self.actor.sync_weights(self.client, weight_version)
         elapsed = time.perf_counter() - t0
-        if self._bytes is None:  # shapes never change: measure once, off the timed path
-            self._bytes = ray.get(_nbytes.remote(ref))
         if self.producer is not None:
             self.producer.set_engine_version(weight_version)
-        return {"perf/sync_time": elapsed, "sync/bytes": float(self._bytes),
+        return {"perf/sync_time": elapsed, "sync/bytes": float(out.get("sync/bytes", 0.0)),
                 "sync/weight_version": float(weight_version)}

@@ -24,6 +24,49 @@ import torch.distributed as dist
 TRANSPORTS = ("object_store", "cuda_ipc", "nccl")
 
 
+class PackedStateDict:
+    """A CPU state dict as numpy arrays, for the object store (``object_store`` transport).
+
+    Ray serializes numpy arrays out of band: :func:`ray.put` is one memcpy per tensor into shared
+    memory and :func:`ray.get` maps them without a copy, where ``torch.Tensor`` values are
+    pickled (copied) on both sides (measured on the 2-vCPU VM, 644 MB fp32: put 0.55-1.37 s /
+    get 0.20-0.72 s as tensors, put 0.38-0.46 s / get 0.001 s as arrays). Dtypes numpy lacks
+    (bfloat16, float8) travel as same-width integer views.
+
+    Args:
+        state_dict: name -> tensor (any device; copied to CPU when elsewhere).
+    """
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.arrays: dict[str, Any] = {}
+        self.views: dict[str, torch.dtype] = {}  # name -> the real dtype, for integer views
+        for name, t in state_dict.items():
+            t = t.detach().cpu().contiguous()
+            try:
+                self.arrays[name] = t.numpy()
+            except TypeError:  # no numpy dtype (bfloat16, float8): same-width integer view
+                self.views[name] = t.dtype
+                self.arrays[name] = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]).numpy()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """name -> CPU tensor sharing memory with the arrays (read-only when they come from
+        :func:`ray.get`: callers copy them into their own parameters, never write them)."""
+        import warnings
+
+        out = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for name, a in self.arrays.items():
+                t = torch.from_numpy(a)
+                out[name] = t.view(self.views[name]) if name in self.views else t
+        return out
+
+
+def as_tensors(weights: Any) -> dict[str, torch.Tensor]:
+    """``weights`` (a :class:`PackedStateDict` or a dict of tensors) as a dict of tensors."""
+    return weights.to_tensors() if isinstance(weights, PackedStateDict) else weights
+
+
 def choose_transport(requested: str | None, *, use_gpu: bool, colocate: bool,
                      num_engines: int = 1, world_size: int = 1) -> str:
     """``--update-weight-transport`` (auto: object_store on CPU, cuda_ipc when colocated on GPUs

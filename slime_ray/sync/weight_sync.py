@@ -26,6 +26,14 @@ class SyncState:
     transport: str
     group_name: str | None = None
     metas: list = field(default_factory=list)
+    nbytes: int | None = None  # object store: bytes of one copy of the weights (shapes never change)
+
+
+@ray.remote(num_cpus=0)
+def _nbytes(weights: Any) -> int:
+    from slime_ray.sync.transport import as_tensors
+
+    return int(sum(t.numel() * t.element_size() for t in as_tensors(weights).values()))
 
 
 def sync_weights(actor_group: Any, client: Any, weight_version: int, state: SyncState) -> dict[str, float]:
@@ -36,8 +44,12 @@ def sync_weights(actor_group: Any, client: Any, weight_version: int, state: Sync
     """
     t0 = time.perf_counter()
     if state.transport == "object_store":
-        client.update_weights(actor_group.weights_ref(), weight_version)
-        return {"sync/seconds": time.perf_counter() - t0}
+        ref = actor_group.weights_ref()
+        client.update_weights(ref, weight_version)
+        elapsed = time.perf_counter() - t0
+        if state.nbytes is None:  # measured once, off the timed path
+            state.nbytes = ray.get(_nbytes.remote(ref)) * client.num_engines
+        return {"sync/seconds": elapsed, "sync/bytes": float(state.nbytes)}
     actors, engines = actor_group.actors, client.engines
     if getattr(client, "weight_store", None) is not None:  # fault tolerance: restarted replicas pull these
         client.publish_weights(actor_group.weights_ref(), weight_version)

@@ -64,8 +64,12 @@ class TrainerActor:
     def put_weights(self) -> list[ray.ObjectRef]:
         """Put the weights in the object store; returns ``[ref]`` (wrapped so Ray does not inline it).
         Under FSDP every rank takes part in the gather; only rank 0 puts."""
+        from slime_ray.sync.transport import PackedStateDict
+
         weights = self.trainer.get_weights()
-        return [ray.put(weights)] if getattr(self.trainer, "global_rank", self.trainer.rank) == 0 else []
+        if getattr(self.trainer, "global_rank", self.trainer.rank) != 0:
+            return []
+        return [ray.put(PackedStateDict(weights))]  # numpy arrays: one memcpy in, zero-copy out
 
     def get_weights(self) -> dict:
         return self.trainer.get_weights()
