@@ -74,8 +74,8 @@ elif [ "$part" = A2 ]; then  # A with generation and training of similar length:
     2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"
 elif [ "$part" = A3 ]; then  # generation ~ training: A's engine batches of 64, fp32 + recompute training
   mk 135m /tmp/smol            # (A2's training, now without the separate old-log-prob forward); first the
-  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 bench/train_throughput.py --profile > "$OUT/train_throughput.log" 2>&1
-  tail -n 75 "$OUT/train_throughput.log"   # torch backend vs bare HF, with host-side tables
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/train_throughput.py --compile both > "$OUT/train_throughput.log" 2>&1
+  grep -v "Loading\|Writing" "$OUT/train_throughput.log" | tail -n 25   # torch backend (eager, compiled) vs bare HF
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
   timeout 330 python3 bench/async_vs_sync.py --model /tmp/smol --steps 6 --results "$OUT/async_RESULTS.md" --extra "$X" \
     2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"

@@ -11,7 +11,7 @@ both sides is printed. ``--profile`` prints, per side, the top-15 GPU kernels of
 and how busy the GPU was (GPU kernel time / wall time: well below 1 means the host is the limit).
 Model FLOPs per token: 6*N_params + 6*layers*hidden*seq (causal attention), fwd+bwd.
 
-    python bench/train_throughput.py [--tiny] [--profile]
+    python bench/train_throughput.py [--tiny] [--profile] [--compile false|true|both]
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def main() -> None:
     p.add_argument("--mbs", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the top-15 GPU kernels of one step per side")
+    p.add_argument("--compile", default="false", choices=("false", "true", "both"),
+                   help="slime_ray side with --train-compile true (compiled decoder layers), or both variants")
     a = p.parse_args()
     if a.tiny:
         a.samples, a.prompt_len, a.response_len, a.mbs, a.steps = 8, 8, 24, 4, 2
@@ -161,19 +163,36 @@ def main() -> None:
     del model, opt
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    tr = TorchTrainer(args)
-    tr.train(0, table)  # warm-up
-    _, t_ours = timed(lambda: [tr.train(i + 1, table) for i in range(a.steps)])
-    if a.profile:
-        profile_step("slime_ray", lambda: tr.train(a.steps + 1, table), device)
-        sync_points("slime_ray", lambda: tr.train(a.steps + 2, table), device)
+    import copy
+    import time
 
-    for name, t in (("bare_hf", t_bare), ("slime_ray", t_ours)):
+    times = {"bare_hf": t_bare}
+    for variant in {"false": ["false"], "true": ["true"], "both": ["false", "true"]}[a.compile]:
+        name = "slime_ray" + ("+compile" if variant == "true" else "")
+        v_args = copy.deepcopy(args)
+        v_args.train_compile = variant
+        tr = TorchTrainer(v_args)
+        t0 = time.perf_counter()
+        tr.train(0, table)  # warm-up (and the compile)
+        tr.train(1, table)
+        print(f"{name}: first two steps (warm-up{', compile' if variant == 'true' else ''}) "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+        _, times[name] = timed(lambda: [tr.train(i + 2, table) for i in range(a.steps)])
+        if a.profile:
+            profile_step(name, lambda: tr.train(a.steps + 2, table), device)
+            sync_points(name, lambda: tr.train(a.steps + 3, table), device)
+        del tr
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    for name, t in times.items():
         tps = tokens_per_step * a.steps / t
-        print(f"{name:10s} tokens/s={tps:,.0f}  model TFLOP/s={tps * flops_per_token / 1e12:.1f}  "
+        print(f"{name:17s} tokens/s={tps:,.0f}  model TFLOP/s={tps * flops_per_token / 1e12:.1f}  "
               f"MFU={tps * flops_per_token / PEAK_BF16:.1%}  step_s={t / a.steps:.3f}", flush=True)
-    print(f"ratio slime_ray/bare_hf = {t_bare / t_ours:.3f}  (params={n_params / 1e6:.1f}M, "
-          f"{a.samples}x{seq} tokens/step, device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    for name, t in times.items():
+        if name != "bare_hf":
+            print(f"ratio {name}/bare_hf = {t_bare / t:.3f}  (params={n_params / 1e6:.1f}M, "
+                  f"{a.samples}x{seq} tokens/step, device={dev_name})")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,29 @@ def apply_fsdp2(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model
 
 
+def compile_layers(model: torch.nn.Module, mode: str | None) -> bool:
+    """``--train-compile``: ``torch.compile`` every decoder layer in place (regional compilation).
+
+    The layers share one compiled graph (their parameters are graph inputs), shapes are dynamic
+    (``dynamic=True``: packed micro-batches of any token count reuse it), and parameter names do
+    not change (``Module.compile``), so checkpoints and weight sync are unaffected. Numerics: the
+    same operations, fused (elementwise chains such as RMSNorm, RoPE and SwiGLU become one kernel
+    each); equal to eager to float rounding.
+
+    Args:
+        model: an HF causal LM (``model.model.layers``).
+        mode: "true", "false" or "auto"/None (on when the model is on a CUDA device).
+
+    Returns:
+        whether the layers were compiled (False when the model has no ``layers`` list).
+    """
+    on = mode == "true" or (mode in (None, "auto") and next(model.parameters()).is_cuda)
+    layers = _decoder_layers(model) if on else []
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return bool(layers)
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
