@@ -123,7 +123,7 @@ def run(args) -> dict:
     fast = args.mode == "fast"
     t0 = time.perf_counter()
     engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast,
-                      decode_loop=args.decode_loop)
+                      decode_loop=args.decode_loop, compile_mode=args.compile_mode)
     res: dict = {"mode": args.mode, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
                  "load_s": time.perf_counter() - t0, "decode_loop": engine.decode_loop, "batches": {}}
     import transformers
@@ -199,10 +199,12 @@ def main() -> None:
     p.add_argument("--mode", choices=("fast", "eager"), default="fast")
     p.add_argument("--decode-loop", choices=("auto", "static", "generate"), default="auto",
                    help="HFEngine decode_loop (auto: the static loop in fast mode, generate in eager mode)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode of the fast path (reduce-overhead | max-autotune: CUDA graphs both)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--varying", type=lambda s: [int(x) for x in s.split(",")],
+    p.add_argument("--varying", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[40, 200, 256, 100, 50, 256, 120, 64])
     p.add_argument("--json", default=None)
     p.add_argument("--merge", nargs="+", default=None)

@@ -132,9 +132,14 @@ class TorchTrainer:
                 packed = gpu.pack_micro_batch(mb.tokens, mb.prompt_lengths, mb.response_lengths, self.device)
                 return gpu.packed_forward_log_probs(model, packed, len(mb), self.args.rollout_temperature,
                                                     with_entropy, entropy_grad=bool(self.args.entropy_coef))
-            logits = model(input_ids=mb.tokens, attention_mask=mb.attention_mask).logits.float()
+            # logits only from the first position that predicts a response token on (as TRL's
+            # logits_to_keep): the LM head over the prompts is skipped
+            start = max(int(torch.as_tensor(mb.prompt_lengths).min()) - 1, 0) if len(mb) else 0
+            logits = model(input_ids=mb.tokens, attention_mask=mb.attention_mask,
+                           logits_to_keep=mb.tokens.shape[1] - start).logits
         lp, ent = response_log_probs_from_model_logits(
-            logits, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.args.rollout_temperature)
+            logits, mb.tokens[:, start:], mb.prompt_lengths - start, mb.response_lengths,
+            self.args.rollout_temperature)
         return lp, (ent if with_entropy else None)
 
     def _step_chunks(self, batch: TrainBatch, step: int) -> list[list[int]]:
