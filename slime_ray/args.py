@@ -162,9 +162,10 @@ class TrainConfig:
                                        "each into one row; the loss does not depend on the split.")
     max_tokens_per_gpu: int | None = arg(None, "Token budget of one micro-batch with --use-dynamic-batch-size.")
     recompute_activations: bool = arg(False, "Gradient checkpointing of every decoder layer (less memory, ~1/3 more compute).")
-    train_compile: str = arg("false", "torch backend: torch.compile each decoder layer (dynamic shapes, one graph "
+    train_compile: str = arg("auto", "torch backend: torch.compile each decoder layer (dynamic shapes, one graph "
                              "for all layers): fewer kernels and less host work per step, a compile on the first "
-                             "step (auto: on for CUDA).", choices=("auto", "true", "false"))
+                             "step (auto: on for a single CUDA rank; FSDP2 across ranks with compiled layers is "
+                             "not verified yet, pass true to try it).", choices=("auto", "true", "false"))
 
 
 @dataclass

@@ -84,9 +84,9 @@ class TorchTrainer:
             else:
                 self.ref_model = copy.deepcopy(self.model)
             self.ref_model.eval().requires_grad_(False)
-        self.compiled = gpu.compile_layers(self.model, getattr(args, "train_compile", "false"))
+        self.compiled = gpu.compile_layers(self.model, getattr(args, "train_compile", "auto"), world_size)
         if self.ref_model is not None:
-            gpu.compile_layers(self.ref_model, getattr(args, "train_compile", "false"))
+            gpu.compile_layers(self.ref_model, getattr(args, "train_compile", "auto"), world_size)
         self.optimizer = self._make_optimizer()
         self.step = 0
         self._prepared: tuple[int, dict[str, Any]] | None = None  # compute_advantages -> train

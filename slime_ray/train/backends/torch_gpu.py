@@ -82,7 +82,7 @@ def apply_fsdp2(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model
 
 
-def compile_layers(model: torch.nn.Module, mode: str | None) -> bool:
+def compile_layers(model: torch.nn.Module, mode: str | None, world_size: int = 1) -> bool:
     """``--train-compile``: ``torch.compile`` every decoder layer in place (regional compilation).
 
     The layers share one compiled graph (their parameters are graph inputs), shapes are dynamic
@@ -93,12 +93,14 @@ def compile_layers(model: torch.nn.Module, mode: str | None) -> bool:
 
     Args:
         model: an HF causal LM (``model.model.layers``).
-        mode: "true", "false" or "auto"/None (on when the model is on a CUDA device).
+        mode: "true", "false" or "auto"/None (on when the model is on a CUDA device and there is
+            one training rank).
+        world_size: training ranks.
 
     Returns:
         whether the layers were compiled (False when the model has no ``layers`` list).
     """
-    on = mode == "true" or (mode in (None, "auto") and next(model.parameters()).is_cuda)
+    on = mode == "true" or (mode in (None, "auto") and next(model.parameters()).is_cuda and world_size == 1)
     layers = _decoder_layers(model) if on else []
     for layer in layers:
         layer.compile(dynamic=True)
