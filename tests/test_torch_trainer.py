@@ -147,3 +147,15 @@ def test_train_compile_gives_the_eager_step(model_dir):
     # ~lr*sign(g), which turns float noise on near-zero gradients into lr-sized differences)
     for (n, p), q in zip(comp.model.named_parameters(), eager.model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_weights_for_sync_share_memory_and_drop_tied_duplicates(model_dir):
+    tr = TorchTrainer(_args(model_dir))
+    view, copies = tr.weights_for_sync(), tr.get_weights()
+    tied = tr.model.config.tie_word_embeddings
+    assert set(copies) - set(view) == ({"lm_head.weight"} if tied else set())
+    for k, v in view.items():
+        assert torch.equal(v, copies[k]), k
+    p = dict(tr.model.named_parameters())["model.embed_tokens.weight"]
+    assert view["model.embed_tokens.weight"].data_ptr() == p.data_ptr()      # no copy on CPU
+    assert copies["model.embed_tokens.weight"].data_ptr() != p.data_ptr()    # get_weights copies

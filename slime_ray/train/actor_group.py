@@ -66,7 +66,8 @@ class TrainerActor:
         Under FSDP every rank takes part in the gather; only rank 0 puts."""
         from slime_ray.sync.transport import PackedStateDict
 
-        weights = self.trainer.get_weights()
+        sync_view = getattr(self.trainer, "weights_for_sync", None)  # torch backend: no copy on CPU
+        weights = sync_view() if sync_view is not None else self.trainer.get_weights()
         if getattr(self.trainer, "global_rank", self.trainer.rank) != 0:
             return []
         return [ray.put(PackedStateDict(weights))]  # numpy arrays: one memcpy in, zero-copy out

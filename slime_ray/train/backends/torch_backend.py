@@ -369,6 +369,23 @@ class TorchTrainer:
                 "tis_clipped": tis_clipped}
 
     # ------------------------------------------------------------------ weights / checkpoints
+    def weights_for_sync(self) -> dict[str, torch.Tensor]:
+        """The policy's weights by HF name for one weight push: CPU float32 tensors that share
+        memory with the live parameters when those are on the CPU (no copy), a tied
+        ``lm_head.weight`` left out (engines update both names from either one).
+
+        Valid until the next optimizer step: the caller copies them at once (``ray.put``).
+        Under FSDP this gathers the shards: a collective, every rank must call it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        for k, v in gpu.full_state_dict(self.model).items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if key not in seen:  # tied parameters: one storage, several names
+                seen.add(key)
+                out[k] = v.detach().cpu()
+        return out
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights by HF name, detached CPU copies (float32).
 
