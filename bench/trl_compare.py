@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run both sides this many times, alternating which goes first; the ratio is the "
+                        "median of the per-round ratios (this VM's speed drifts by +-25%% over minutes)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     model = args.model
@@ -126,14 +129,33 @@ def main() -> None:
     model = os.path.expanduser(model)
     res = {"model": args.model, "steps": args.steps, "samples_per_step": args.prompts_per_step * args.group_size,
            "max_new_tokens": args.max_new_tokens, "threads": args.threads}
-    for side, fn in (("trl", run_trl), ("ours", run_ours)):
-        if args.side in (side, "both"):
-            stamps = fn(args, model)
-            res[f"{side}_step_s"] = steady(stamps, args.warmup)
-            res[f"{side}_gaps_s"] = [round(b - a, 2) for a, b in zip(stamps, stamps[1:])]
-            print(f"{side}: steady step {res[f'{side}_step_s']:.2f}s  gaps {res[f'{side}_gaps_s']}", flush=True)
-    if "ours_step_s" in res and "trl_step_s" in res:
-        print(f"ours / TRL step time: {res['ours_step_s'] / res['trl_step_s']:.2f}", flush=True)
+    sides = [("trl", run_trl), ("ours", run_ours)]
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        one: dict = {}
+        for side, fn in (sides if r % 2 == 0 else sides[::-1]):
+            if args.side in (side, "both"):
+                stamps = fn(args, model)
+                one[f"{side}_step_s"] = steady(stamps, args.warmup)
+                one[f"{side}_gaps_s"] = [round(b - a, 2) for a, b in zip(stamps, stamps[1:])]
+                print(f"round {r}: {side}: steady step {one[f'{side}_step_s']:.2f}s  gaps {one[f'{side}_gaps_s']}",
+                      flush=True)
+        if "ours_step_s" in one and "trl_step_s" in one:
+            one["ratio"] = one["ours_step_s"] / one["trl_step_s"]
+            print(f"round {r}: ours / TRL step time: {one['ratio']:.2f}", flush=True)
+        rounds.append(one)
+    res.update(rounds[0])
+    if args.rounds > 1:
+        res["rounds"] = rounds
+        for k in ("trl_step_s", "ours_step_s", "ratio"):
+            vals = [x[k] for x in rounds if k in x]
+            if vals:
+                res[f"median_{k}"] = statistics.median(vals)
+    if "ratio" in res:
+        ratios = [x["ratio"] for x in rounds if "ratio" in x]
+        print(f"ours / TRL step time: {statistics.median(ratios):.2f}"
+              + (f" (median of {len(ratios)} rounds: {' '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""),
+              flush=True)
     print(json.dumps(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
