@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -430,6 +431,21 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise ConfigError(f"--over-sampling-batch-size must be >= 1, got {osbs}")
     if cfg.train.use_dynamic_batch_size and not cfg.train.max_tokens_per_gpu:
         raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (tokens per micro-batch)")
+    if t.train_backend == "torch":  # Megatron parallelism flags that the torch backend would ignore
+        for flag in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size",
+                     "expert-model-parallel-size"):
+            v = (getattr(ns, "megatron_args", None) or {}).get(flag)
+            try:
+                size = int(v) if v is not None else 1
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{flag} takes one integer, got {v!r}") from None
+            if size > 1:  # a warning, not an error: slime scripts carry these in MODEL_ARGS / PERF_ARGS
+                logging.getLogger("slime_ray.args").warning(
+                    "--%s %d has no effect with --train-backend torch (no model parallelism: FSDP2 shards "
+                    "every layer over the data-parallel ranks); add --train-backend megatron for it", flag, size)
+    elif t.train_compile == "true":
+        raise ConfigError("--train-compile true applies to --train-backend torch (the Megatron backend runs its "
+                          "own layers, not compiled); drop --train-compile")
     if cfg.sync.update_weights_interval < 1:
         raise ConfigError(f"--update-weights-interval must be >= 1, got {cfg.sync.update_weights_interval}")
     _validate_checkpoint_ft(cfg)

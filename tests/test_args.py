@@ -62,3 +62,19 @@ def test_missing_required_inputs_name_the_flag():
         parse_args(["--hf-checkpoint", "/m"])
     with pytest.raises(ConfigError, match="--hf-checkpoint is required"):
         parse_args(["--prompt-data", "x.jsonl"])
+
+
+def test_model_parallel_flags_without_megatron_are_accepted_with_a_warning(caplog):
+    # slime scripts carry --tensor-model-parallel-size in MODEL_ARGS: they still run, and say it is ignored
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="slime_ray.args"):
+        _, args = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1"])
+    assert args.megatron_args["tensor-model-parallel-size"] == "2"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("--tensor-model-parallel-size 2 has no effect with --train-backend torch" in m for m in msgs)
+    assert not any("pipeline-model-parallel-size" in m for m in msgs)  # 1 is what the torch backend does
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slime_ray.args"):
+        parse_args(BASE + ["--train-backend", "megatron", "--tensor-model-parallel-size", "2"])
+    assert not caplog.records

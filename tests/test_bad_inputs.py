@@ -132,6 +132,8 @@ CASES = {
         "--train-backend", "megatron", "--tensor-model-parallel-size", "4", "--actor-num-gpus-per-node", "4",
         "--rollout-batch-size", "2", "--global-batch-size", "4"])),
         ConfigError, "with --train-backend megatron: --tensor-model-parallel-size 4 does not divide num_query_groups=2"),
+    "train_compile_with_megatron": (lambda t, m: _args(t, m, extra=["--train-backend", "megatron", "--train-compile", "true"]),
+                                    ConfigError, "--train-compile true applies to --train-backend torch"),
 }
 
 
