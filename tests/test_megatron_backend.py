@@ -331,6 +331,7 @@ def _megatron_worker(rank, world, port, dirs):
             res = {"lp_diff": float((lp - ref_lp).abs().max()), "ent_diff": float((ent - ref_ent).abs().max())}
             if name == "llama":
                 res["weights_before"] = trainer.get_weights()
+                res["sync_weights"] = trainer.weights_for_sync()  # what an object-store push sends
                 res["metrics"] = trainer.train(0, table)
                 res["weights_after"] = trainer.get_weights()
                 ckpt = trainer.save(str(Path(hf_dir).parent / f"ckpt_{phase}"), 0, {"note": phase})
@@ -363,6 +364,7 @@ def test_megatron_tp2_and_dp2_match_hf_and_torch_backend(tmp_path):
 
     hf = _hf_state(AutoModelForCausalLM.from_pretrained(dirs["llama"], dtype=torch.float32))
     _assert_same(results["tp2/llama"]["weights_before"], hf)
+    _assert_same(results["tp2/llama"]["sync_weights"], hf)  # HF names, full (TP-gathered) tensors
 
     torch_trainer = TorchTrainer(_args(dirs["llama"]), 0, 1)
     expected = torch_trainer.train(0, _rollout_table(torch_trainer.model.config.vocab_size))

@@ -159,3 +159,11 @@ def test_weights_for_sync_share_memory_and_drop_tied_duplicates(model_dir):
     p = dict(tr.model.named_parameters())["model.embed_tokens.weight"]
     assert view["model.embed_tokens.weight"].data_ptr() == p.data_ptr()      # no copy on CPU
     assert copies["model.embed_tokens.weight"].data_ptr() != p.data_ptr()    # get_weights copies
+
+
+def test_functional_dropout_in_the_config_keeps_the_old_log_prob_forward(model_dir):
+    # e.g. OPT's config.dropout is applied functionally (no nn.Dropout module): train != eval forward
+    tr = TorchTrainer(_args(model_dir, "--micro-batch-size", "2"))
+    assert tr._old_is_current(1)
+    tr.model.config.dropout = 0.1
+    assert not tr._old_is_current(1)

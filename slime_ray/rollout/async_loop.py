@@ -235,7 +235,6 @@ class WeightSyncer:
 
     def __init__(self, actor: Any, client: Any, producer: RolloutProducer | None = None):
         self.actor, self.client, self.producer = actor, client, producer
-        self._bytes: int | None = None
 
     def __call__(self, weight_version: int) -> dict[str, float]:
         """Push the trainer's weights as ``weight_version`` with ``--update-weight-transport``

@@ -421,6 +421,11 @@ class MegatronTrainer(TorchTrainer):
         params = ((conv.local_name(n), p) for n, p in self.model.named_parameters())
         yield from conv.iter_hf_buckets(params, self.spec, size, self._gather_tp)
 
+    def weights_for_sync(self) -> dict[str, torch.Tensor]:
+        """What an object-store weight push sends: :meth:`get_weights` (HF names, TP shards
+        gathered; a collective), not TorchTrainer's views of the local (Megatron-named) parameters."""
+        return self.get_weights()
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights by HF name, CPU float32 copies (no ``lm_head`` when tied).
 

@@ -281,8 +281,12 @@ class TorchTrainer:
         if optimizer_steps != 1 or (a.kl_coef and a.advantage_estimator in (
                 "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")):
             return False
-        return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()) and \
-            not any(float(getattr(self.model.config, k, 0) or 0) > 0 for k in ("attention_dropout", "hidden_dropout"))
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            return False
+        cfg = getattr(self.model, "config", None)  # functional dropout / layer drop / router noise
+        items = cfg.to_dict().items() if hasattr(cfg, "to_dict") else vars(cfg).items() if cfg is not None else ()
+        return not any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                       and ("dropout" in k or "layerdrop" in k or "jitter" in k) for k, v in items)
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Masked whitening over every rank's rows (Bessel-corrected), see ``whiten_advantages``."""
