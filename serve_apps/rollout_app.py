@@ -179,6 +179,9 @@ class EngineDeployment:
             return await self.engine.update_weights_paused_async(weights, int(weight_version))
         if isinstance(weights, ray.ObjectRef):
             weights = await weights
+        from slime_ray.sync.transport import as_tensors
+
+        weights = as_tensors(weights)  # engines get a dict (the object store carries numpy arrays)
         await asyncio.to_thread(self.engine.pause)
         try:
             await asyncio.to_thread(self.engine.update_weights, weights, int(weight_version))

@@ -146,6 +146,8 @@ def pull_current_weights(engine: Any, store_name: str) -> int:
         return engine.weight_version  # no store yet: the job has not synced weights
     version, wrapped = ray.get(store.latest.remote())
     if wrapped and version != engine.weight_version:
-        engine.update_weights(ray.get(wrapped[0]), version)
+        from slime_ray.sync.transport import as_tensors
+
+        engine.update_weights(as_tensors(ray.get(wrapped[0])), version)
         logger.warning("engine replica loaded weight version %d from the weight store", version)
     return engine.weight_version

@@ -44,9 +44,11 @@ class EngineHost:
         ``weights``: the dict, or an ObjectRef to it (passed at top level, Ray resolves it here,
         straight from the object store: the Serve replica in front never deserializes it).
         """
+        from slime_ray.sync.transport import as_tensors
+
         self.engine.pause()
         try:
-            self.engine.update_weights(weights, int(weight_version))
+            self.engine.update_weights(as_tensors(weights), int(weight_version))  # a dict, whatever the engine
             self.engine.flush_cache()
         finally:
             self.engine.resume()

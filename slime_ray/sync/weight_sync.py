@@ -99,4 +99,4 @@ def _broadcast(actors: list, engines: list, state: SyncState, version: int) -> i
     recv = [e.weight_sync_call.remote("update_weights_from_distributed", state.metas, version, state.group_name)
             for e in engines]
     [r.result() for r in recv]
-    return int(ray.get(trainer)[0])
+    return int(ray.get(trainer)[0]) * len(engines)  # bytes received by the engines, as for the other transports
