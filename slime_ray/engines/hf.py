@@ -370,9 +370,6 @@ class HFEngine(RolloutEngine):
             ValueError: a tensor whose shape differs from the model's, or tied names sent
                 with different values.
         """
-        from slime_ray.sync.transport import as_tensors
-
-        named_tensors = as_tensors(named_tensors)  # a PackedStateDict from the object store too
         state = self.model.state_dict()
         self._check_names_shapes(state, {n: tuple(t.shape) for n, t in named_tensors.items()})
         self._check_tied(state, named_tensors)

@@ -637,9 +637,6 @@ class SGLangEngine(RolloutEngine):
         Raises:
             SGLangError: the server refused the weights (unknown name, shape mismatch: its message).
         """
-        from slime_ray.sync.transport import as_tensors
-
-        named_tensors = as_tensors(named_tensors)
         tmp = tempfile.mkdtemp(prefix=f"slime_ray_weights_v{int(weight_version)}_")
         try:
             write_hf_safetensors_dir(named_tensors, tmp, config_dir=self.model_path,

@@ -25,7 +25,6 @@ import time
 from argparse import Namespace
 from typing import Any
 
-
 from slime_ray.args import ConfigError
 from slime_ray.types import Sample
 
