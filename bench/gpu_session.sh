@@ -84,7 +84,7 @@ elif [ "$part" = C ]; then  # one GPU: GRPO job, colocated, --train-compile true
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
-  timeout 200 python3 bench/async_vs_sync.py --model /tmp/smol --steps 4 --results "$OUT/async_RESULTS.md" --extra "$X" \
+  timeout 290 python3 bench/async_vs_sync.py --model /tmp/smol --steps 5 --results "$OUT/async_RESULTS.md" --extra "$X" \
     2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"
 elif [ "$part" = A3 ]; then  # generation ~ training: A's engine batches of 64, fp32 + recompute training
   mk 135m /tmp/smol            # (A2's training, now without the separate old-log-prob forward); first the
