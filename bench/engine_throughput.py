@@ -124,7 +124,15 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast,
                       decode_loop=args.decode_loop, compile_mode=args.compile_mode)
-    res: dict = {"mode": args.mode, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+    if engine._decoder is not None:
+        from slime_ray.engines.hf_decode import StaticDecoder
+
+        engine._decoder = StaticDecoder(engine.model, pad_token_id=engine.pad_token_id, compile=engine.compile,
+                                        compile_mode=args.compile_mode, fused_projections=not args.no_fused,
+                                        graph_steps=args.graph_steps)
+    res: dict = {"mode": args.mode, "fused_projections": bool(engine._decoder and engine._decoder.fused_projections),
+                 "graph_steps": engine._decoder.graph_steps if engine._decoder is not None else None,
+                 "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
                  "load_s": time.perf_counter() - t0, "decode_loop": engine.decode_loop, "batches": {}}
     import transformers
 
@@ -157,6 +165,20 @@ def run(args) -> dict:
             res["logprob_vs_trainer"] = {"batch": b, "mean_abs": mean_d, "max_abs": max_d}
             print(f"[{args.mode}] log-probs vs trainer forward (bf16): mean |d| {mean_d:.4f}, max {max_d:.3f}",
                   flush=True)
+    if fast:  # same torch seed -> same sampled tokens (noise drawn inside the captured graphs)
+        reqs = make_requests(engine.tokenizer, args.batches[0], 64)
+        torch.manual_seed(123)
+        a = engine.generate(reqs)
+        torch.manual_seed(123)
+        b = engine.generate(reqs)
+        torch.manual_seed(124)
+        c = engine.generate(reqs)
+        same = [x["output_ids"] for x in a] == [x["output_ids"] for x in b]
+        differ = sum(x["output_ids"] != y["output_ids"] for x, y in zip(a, c))
+        res["seeded"] = {"same_seed_same_tokens": same, "rows_differing_other_seed": differ}
+        print(f"[fast] seed 123 twice: same tokens {same}; seed 124: {differ}/{len(a)} rows differ", flush=True)
+    if fast and args.profile:
+        res["profile"] = profile_call(engine, make_requests(engine.tokenizer, args.batches[-1], args.new_tokens))
     if fast and args.varying:
         g0, buckets0 = engine.num_compilations, set(engine.buckets_seen)
         t0 = time.perf_counter()
@@ -170,6 +192,29 @@ def run(args) -> dict:
               f"{engine.num_compilations - g0} new graphs; total buckets {len(engine.buckets_seen)}, "
               f"graphs {engine.num_compilations}", flush=True)
     return res
+
+
+def profile_call(engine, reqs) -> dict:
+    """One generate call under torch.profiler: top GPU kernels and GPU busy ms per decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = timed(engine, reqs)
+    steps = max(1.0, engine.last_decode_stats.get("decode_steps", 1.0) + 1)
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0
+               and e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    print(f"[profile] batch {len(reqs)}: wall {wall * 1e3:.0f} ms (profiled), GPU busy {busy_ms:.0f} ms = "
+          f"{busy_ms / steps:.3f} ms per token step, {sum(e.count for e in kernels) / steps:.0f} kernels per step", flush=True)
+    top = []
+    for e in kernels[:20]:
+        share = e.self_device_time_total / 1e3 / busy_ms
+        top.append({"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / steps,
+                    "calls_per_step": e.count / steps, "share": share})
+        print(f"[profile]   {share:6.1%} {e.self_device_time_total / 1e3 / steps:7.4f} ms/step "
+              f"{e.count / steps:6.1f}/step  {e.key[:90]}", flush=True)
+    return {"busy_ms_per_step": busy_ms / steps, "kernels_per_step": sum(e.count for e in kernels) / steps, "top": top}
 
 
 def merge(paths: list[str]) -> None:
@@ -206,6 +251,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--varying", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[40, 200, 256, 100, 50, 256, 120, 64])
+    p.add_argument("--no-fused", action="store_true",
+                   help="fast mode: separate q/k/v and gate/up projections (default: one GEMM per group)")
+    p.add_argument("--graph-steps", type=int, default=8,
+                   help="fast mode: decode steps per captured CUDA graph (0: one cudagraph-tree replay per step)")
+    p.add_argument("--profile", action="store_true",
+                   help="fast mode: one more call of the last batch under torch.profiler; prints the top "
+                        "GPU kernels and the GPU busy time per decode step")
     p.add_argument("--json", default=None)
     p.add_argument("--merge", nargs="+", default=None)
     args = p.parse_args()

@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E     (carry .whl for M and A; .twhl for E:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -86,6 +86,17 @@ elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's 
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
   timeout 290 python3 bench/async_vs_sync.py --model /tmp/smol --steps 5 --results "$OUT/async_RESULTS.md" --extra "$X" \
     2>&1 | tail -n 12 | tee "$OUT/async_vs_sync.log"
+elif [ "$part" = F ]; then  # engine (GPU 0, profiled) vs eager, then fast with $F2 (default --graph-steps 0) (GPU 1)
+  mk 135m /tmp/smol
+  CUDA_VISIBLE_DEVICES=0 timeout 420 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 3 \
+    --profile --varying 40,200,256,100 --json "$OUT/engine_fast.json" > "$OUT/engine_fast.log" 2>&1 &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/engine_throughput.py --model /tmp/smol --mode eager --repeats 1 \
+      --json "$OUT/engine_eager.json" > "$OUT/engine_eager.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/engine_throughput.py --model /tmp/smol --mode fast ${F2:---graph-steps 0} \
+      --batches 256 --repeats 3 --varying "" --json "$OUT/engine_nofused.json" > "$OUT/engine_nofused.log" 2>&1 )
+  wait
+  grep -v "Loading\|Writing" "$OUT/engine_fast.log" | tail -n 30; tail -n 4 "$OUT/engine_eager.log" "$OUT/engine_nofused.log"
+  python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
 elif [ "$part" = A3 ]; then  # generation ~ training: A's engine batches of 64, fp32 + recompute training
   mk 135m /tmp/smol            # (A2's training, now without the separate old-log-prob forward); first the
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/train_throughput.py --compile both > "$OUT/train_throughput.log" 2>&1

@@ -267,3 +267,73 @@ def test_grouped_static_loop_matches_generate_and_trainer(model_dir, gen, groupe
         handle.remove()
     assert set(seen) == ({GROUPED_ATTENTION} if grouped else {"sdpa"})
     assert eng.model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- fused q/k/v and gate/up projections
+def test_fused_projections_match_separate_and_follow_weight_updates(model_dir):
+    """One GEMM per q/k/v and gate/up group gives the separate projections' tokens and log-probs,
+    leaves the model's modules and state dict as they were, and picks up weight updates."""
+    from slime_ray.engines.hf_fused import FusedProjection, ProjectionSlice, fusable_groups, use_fused_projections
+
+    eng = HFEngine(model_dir, decode_loop="static")
+    sep = HFEngine(model_dir, decode_loop="static")
+    sep._decoder = StaticDecoder(sep.model, pad_token_id=sep.pad_token_id, fused_projections=False)
+    layers = eng.model.config.num_hidden_layers
+    assert fusable_groups(eng.model) == 2 * layers and eng._decoder.fused_projections
+    names = list(eng.model.state_dict())
+    attn = eng.model.model.layers[0].self_attn
+    q_proj = attn.q_proj
+    with use_fused_projections(eng.model) as n:
+        assert n == 2 * layers and isinstance(attn.q_proj, ProjectionSlice)
+        assert not set(eng.model.state_dict()) - set(names)  # the fused copy is not in the state dict
+        fused = attn.q_proj.fused
+        assert isinstance(fused, FusedProjection)
+        k_proj, v_proj = fused._linears[1:]
+        assert fused._linears[0] is q_proj and [type(m) for m in (k_proj, v_proj)] == [torch.nn.Linear] * 2
+        assert torch.equal(fused.weight, torch.cat([q_proj.weight, k_proj.weight, v_proj.weight]))
+    assert attn.q_proj is q_proj and list(eng.model.state_dict()) == names
+    with pytest.raises(RuntimeError), use_fused_projections(eng.model):
+        raise RuntimeError("boom")
+    assert attn.q_proj is q_proj
+
+    def run(e):
+        torch.manual_seed(5)
+        return e.generate([_req(e, p, temperature=0.8, max_new_tokens=n) for p, n in zip(PROMPTS, (9, 14, 4, 11))])
+
+    for step in range(2):
+        a, b = run(eng), run(sep)
+        for x, y in zip(a, b):
+            assert x["output_ids"] == y["output_ids"]
+            assert max(abs(u - v) for u, v in zip(x["output_log_probs"], y["output_log_probs"])) < 1e-5
+        if step == 0:  # new weights for the projections: the fused copy must follow
+            new = {k: v * 0.7 for k, v in eng.model.state_dict().items() if k.endswith(("k_proj.weight", "up_proj.weight"))}
+            before = [o["output_log_probs"] for o in a]
+            for e in (eng, sep):
+                e.update_weights(new, 1)
+    assert max(abs(u - v) for p, q in zip(before, (o["output_log_probs"] for o in a)) for u, v in zip(p, q)) > 1e-3
+
+
+def test_fused_projections_only_for_plain_linear_groups():
+    from slime_ray.engines.hf_fused import fusable_groups, use_fused_projections
+
+    class Block(torch.nn.Module):
+        def __init__(self, bias_k: bool):
+            super().__init__()
+            self.q_proj, self.v_proj = torch.nn.Linear(8, 8, bias=True), torch.nn.Linear(8, 4, bias=True)
+            self.k_proj = torch.nn.Linear(8, 4, bias=bias_k)
+            self.gate_proj, self.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=False)
+
+        def forward(self, x):
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), self.gate_proj(x) * self.up_proj(x)
+
+    torch.manual_seed(0)
+    mixed, with_bias = Block(bias_k=False), Block(bias_k=True)
+    assert fusable_groups(mixed) == 1  # q/k/v with and without bias: left alone; gate/up fused
+    x = torch.randn(3, 2, 8)
+    for block in (mixed, with_bias):
+        ref = block(x)
+        with use_fused_projections(block) as n:
+            out = block(x)
+        assert n == fusable_groups(block)
+        assert all(torch.allclose(r, o, atol=1e-6) for r, o in zip(ref, out))
+    assert fusable_groups(with_bias) == 2

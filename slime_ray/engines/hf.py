@@ -269,9 +269,9 @@ class HFEngine(RolloutEngine):
         from transformers import StoppingCriteriaList
 
         if self._abort.is_set():
-            return [self._response(r, [], [], "abort") for r in real_rows]
+            return self._with_texts([self._response(r, [], [], "abort") for r in real_rows])
         if max(r["max_new_tokens"] for r in real_rows) <= 0:
-            return [self._response(r, [], [], "length") for r in real_rows]
+            return self._with_texts([self._response(r, [], [], "length") for r in real_rows])
         rows, prompt_len, max_new = self._pad_to_bucket(real_rows)
         temp, top_p, top_k, seed = rows[0]["temperature"], rows[0]["top_p"], rows[0]["top_k"], rows[0]["seed"]
         greedy = temp <= 0.0
@@ -293,8 +293,8 @@ class HFEngine(RolloutEngine):
             self.num_compilations += dynamo_graph_count() - graphs_before
             self.last_decode_stats = res.stats
             aborted = res.aborted or self._abort.is_set()
-            return [self._finish(r, res.tokens[i].tolist(), res.log_probs[i].tolist(), aborted)
-                    for i, r in enumerate(real_rows)]
+            tokens, logps = res.tokens.tolist(), res.log_probs.tolist()
+            return self._with_texts([self._finish(r, tokens[i], logps[i], aborted) for i, r in enumerate(real_rows)])
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -323,14 +323,16 @@ class HFEngine(RolloutEngine):
              for s, step in enumerate(out.logits)], dim=1).cpu()  # [B, S]
         new_ids = new_ids.cpu()
         aborted = self._abort.is_set()
-        return [self._finish(r, new_ids[i].tolist(), logp[i].tolist(), aborted) for i, r in enumerate(real_rows)]
+        tokens, logps = new_ids.tolist(), logp.tolist()
+        return self._with_texts([self._finish(r, tokens[i], logps[i], aborted) for i, r in enumerate(real_rows)])
 
     def _finish(self, row: dict[str, Any], ids: list[int], lps: list[float], aborted: bool) -> dict:
         """Cut one row's output at its first stop (token, string) or its max_new_tokens."""
         limit = min(len(ids), row["max_new_tokens"])
-        for k in range(limit):
-            if ids[k] in row["stop_ids"]:
-                return self._response(row, ids[: k + 1], lps[: k + 1], "stop")
+        stop_ids = row["stop_ids"]
+        k = next((k for k, t in enumerate(ids[:limit]) if t in stop_ids), None) if stop_ids else None
+        if k is not None:
+            return self._response(row, ids[: k + 1], lps[: k + 1], "stop")
         if row["stop"]:
             text = self.tokenizer.decode(ids[:limit], skip_special_tokens=True)
             if any(s in text for s in row["stop"]):
@@ -344,11 +346,29 @@ class HFEngine(RolloutEngine):
         reason = "abort" if aborted else "length"
         return self._response(row, ids[:limit], lps[:limit], reason)
 
+    def _with_texts(self, outs: list[dict]) -> list[dict]:
+        """Fill every response's ``text`` in one call: the Rust tokenizer's ``decode_batch``
+        (rows decoded in parallel) where transformers' ``batch_decode`` would do nothing more
+        (no ``clean_up_tokenization_spaces``), else ``batch_decode``. (256 rows x 256 tokens:
+        ~12 ms vs ~30 ms for ``batch_decode``, most of it in its per-token type checks.)"""
+        if outs:
+            ids = [o["output_ids"] for o in outs]
+            backend = getattr(self.tokenizer, "_tokenizer", None)
+            if backend is not None and hasattr(backend, "decode_batch") and not getattr(
+                    self.tokenizer, "clean_up_tokenization_spaces", False):
+                texts = backend.decode_batch(ids, skip_special_tokens=True)
+            else:
+                texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            for o, text in zip(outs, texts):
+                o["text"] = text
+        return outs
+
     def _response(self, row: dict[str, Any], ids: list[int], lps: list[float], reason: str) -> dict:
+        """One response dict; ``text`` is filled by :meth:`_with_texts`."""
         return {
-            "text": self.tokenizer.decode(ids, skip_special_tokens=True),
-            "output_ids": [int(t) for t in ids],
-            "output_log_probs": [float(x) for x in lps] if row["return_logprob"] else [],
+            "text": None,
+            "output_ids": list(ids),  # Python ints / floats already (from Tensor.tolist)
+            "output_log_probs": list(lps) if row["return_logprob"] else [],
             "finish_reason": reason,
             "weight_version": self.weight_version,
             "prompt_tokens": len(row["ids"]),

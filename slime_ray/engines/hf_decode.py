@@ -13,8 +13,16 @@ and a per-row stopping criterion that reads the last tokens on the host syncs ev
   tokens against a full-length static 2D mask (prompt padding 0, everything else 1; the cache's
   own position gives causality), ``log_softmax(logits.float() / T)``, sampling, the chosen
   token's log-prob and the per-row ``done`` update, all on the device. With ``compile`` it
-  runs under ``torch.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")``, i.e.
-  as a CUDA graph replay on GPUs;
+  runs under ``torch.compile(fullgraph=True, dynamic=False)`` (inductor kernels); on GPUs the
+  loop then records ``graph_steps`` (default 8) consecutive steps -- noise draw, compiled step,
+  copies into the output buffers -- as ONE CUDA graph per (bucket, sampling mode) after their
+  first eager run, and replays it: one host call per 8 tokens instead of a Python call,
+  dynamo guard check and cudagraph-tree replay per token, which had left the GPU idle ~10%
+  of each step at batch 256. (``graph_steps=0``: the step compiled with
+  ``mode="reduce-overhead"``, one cudagraph-tree replay per token.) A graph may run up to
+  ``graph_steps - 1`` steps past the last needed one (rows are done by then: pad tokens, into
+  spare cache slots and output columns). Graphs are recorded again when the weights moved
+  (``model.to``, a re-laid-out flat buffer); the dynamo graph is not recompiled;
 - sampling noise (``Exp(1)``, one kernel per step) is drawn outside the graph into a static
   buffer from torch's global generator, so ``torch.manual_seed`` makes a call reproducible;
   token = ``argmax(logits / T - log(noise))`` = a draw from ``softmax(logits / T)``
@@ -49,6 +57,7 @@ from typing import Any, Callable
 import torch
 
 from slime_ray.engines.hf_attention import use_grouped_attention
+from slime_ray.engines.hf_fused import fused_weights, release_fused_projections, use_fused_projections
 
 GREEDY, SAMPLE, SAMPLE_FILTERED = "greedy", "sample", "sample_filtered"
 _TINY = 1e-30  # noise floor: -log(0) would make a token win whatever its probability
@@ -85,11 +94,10 @@ def select_tokens(
     """
     x = logits.float()
     if mode == GREEDY:
+        scaled = x
         tokens = x.argmax(-1)
-        logp = torch.log_softmax(x, -1)
     else:
         scaled = x / temperature
-        logp = torch.log_softmax(scaled, -1)
         race = -noise.clamp_min(_TINY).log()  # argmax(scaled + race) ~ softmax(scaled)
         if mode == SAMPLE:
             tokens = (scaled + race).argmax(-1)
@@ -105,7 +113,8 @@ def select_tokens(
             sorted_s = sorted_s.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
             pick = (sorted_s + race).argmax(-1)
             tokens = order.gather(-1, pick[:, None]).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    # log_softmax(scaled)[token] without materialising [B, V] log-probs
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, -1)
 
 
 def decode_step(
@@ -201,8 +210,10 @@ class _Slot:
     top_p: torch.Tensor  # 0-d float32
     top_k: torch.Tensor  # 0-d int64
     cache_position: torch.Tensor  # [1] int64
-    out_tokens: torch.Tensor  # [B, max_new] int64
-    out_logp: torch.Tensor  # [B, max_new] float32
+    out_tokens: torch.Tensor  # [B, max_new + graph steps] int64
+    out_logp: torch.Tensor  # [B, max_new + graph steps] float32
+    step_idx: torch.Tensor  # [1] int64: the column of out_tokens the next step writes
+    graphs: dict  # sampling mode -> (torch.cuda.CUDAGraph of graph_steps steps, weights signature)
 
 
 @dataclass
@@ -222,12 +233,15 @@ class DecodeResult:
     stats: dict[str, float]
 
 
-def _with_grouped_attention(fn):
+def _with_decode_model(fn):
     """Run ``fn`` (a :class:`StaticDecoder` method) with the model switched to grouped-query
-    attention when ``self.grouped_attention`` (see :func:`use_grouped_attention`)."""
+    attention when ``self.grouped_attention`` (see :func:`use_grouped_attention`) and to fused
+    q/k/v and gate/up projections when ``self.fused_projections`` (see
+    :func:`use_fused_projections`)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        with use_grouped_attention(self.model, self.grouped_attention):
+        with use_grouped_attention(self.model, self.grouped_attention), \
+                use_fused_projections(self.model, self.fused_projections):
             return fn(self, *args, **kwargs)
     return wrapper
 
@@ -239,13 +253,20 @@ class StaticDecoder:
         model: a transformers causal LM (eval mode, on its device).
         pad_token_id: token fed/emitted after a row finished and on prompt padding.
         compile: run :func:`decode_step` under ``torch.compile``.
-        compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs on CUDA).
+        compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs on CUDA; with
+            ``graph_steps`` > 0 on CUDA the loop records its own graphs and inductor runs without
+            cudagraphs: "max-autotune" becomes "max-autotune-no-cudagraphs", others the default).
         compile_options: extra ``torch.compile`` kwargs (e.g. ``{"backend": "aot_eager"}``).
         check_every: decode steps between host checks of ``done.all()`` and the abort event.
         max_slots: shape buckets whose caches are kept (least recently used evicted).
         grouped_attention: run the model with :mod:`slime_ray.engines.hf_attention`'s
             grouped-query attention during :meth:`generate` (GQA models with SDPA or eager
             attention; others keep theirs).
+        fused_projections: run q/k/v and gate/up as one GEMM each during :meth:`generate`
+            (:mod:`slime_ray.engines.hf_fused`; costs a copy of those weights in memory).
+        graph_steps: decode steps per captured CUDA graph (``compile`` on CUDA only; 0: one
+            cudagraph-tree replay per step with ``compile_mode``). ``check_every`` is then
+            effectively rounded up to a multiple of it.
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -261,6 +282,8 @@ class StaticDecoder:
         check_every: int = 8,
         max_slots: int = 16,
         grouped_attention: bool = True,
+        fused_projections: bool = True,
+        graph_steps: int = 8,
     ):
         self.model = model
         self.pad_token_id = int(pad_token_id)
@@ -268,15 +291,24 @@ class StaticDecoder:
         self.max_slots = max(1, int(max_slots))
         self.compile = bool(compile)
         self.grouped_attention = bool(grouped_attention)
+        self.fused_projections = bool(fused_projections)
+        # K decode steps per captured CUDA graph (compiled step, on CUDA); 0: one cudagraph-tree
+        # replay per step (torch.compile's mode="reduce-overhead")
+        self.graph_steps = max(0, int(graph_steps))
+        self._cuda_graphs = self.compile and self.graph_steps > 0 and self.device.type == "cuda"
         self._cache_kw, self._takes_cache_position = _forward_kwargs(model)
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._step: Callable = decode_step
         if self.compile:
             opts = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
             if "backend" not in opts or opts["backend"] == "inductor":
-                opts["mode"] = compile_mode
+                if self._cuda_graphs:  # the loop captures its own graphs: inductor without cudagraphs
+                    opts["mode"] = "max-autotune-no-cudagraphs" if compile_mode == "max-autotune" else None
+                else:
+                    opts["mode"] = compile_mode
             self._step = torch.compile(decode_step, **opts)
         self.last_stats: dict[str, float] = {}
+        self.graphs_captured = 0  # CUDA graphs recorded (one per bucket and sampling mode, again if weights move)
 
     @property
     def device(self) -> torch.device:
@@ -288,10 +320,13 @@ class StaticDecoder:
         return len(self._slots)
 
     def clear(self) -> None:
-        """Drop every bucket's cache and buffers (frees accelerator memory)."""
+        """Drop every bucket's cache and buffers and the fused weight copies (frees accelerator memory)."""
         self._slots.clear()
+        release_fused_projections(self.model)
 
     def _slot(self, batch: int, cache_len: int, max_new: int) -> _Slot:
+        extra = self.graph_steps if self._cuda_graphs else 0  # a graph may run past the last step
+        cache_len += extra
         key = (batch, cache_len, max_new)
         slot = self._slots.get(key)
         if slot is not None:
@@ -311,17 +346,69 @@ class StaticDecoder:
             temperature=torch.ones((), dtype=torch.float32, device=dev),
             top_p=torch.ones((), dtype=torch.float32, device=dev),
             top_k=z(dt=torch.long), cache_position=z(1, dt=torch.long),
-            out_tokens=z(batch, max_new, dt=torch.long), out_logp=z(batch, max_new, dt=torch.float32),
+            out_tokens=z(batch, max_new + extra, dt=torch.long), out_logp=z(batch, max_new + extra, dt=torch.float32),
+            step_idx=z(1, dt=torch.long), graphs={},
         )
         if dev.type == "cuda":  # the compiled step reads these in place: no copy per graph replay
             for t in (slot.mask, slot.tokens, slot.positions, slot.done, slot.last_pos, slot.stop_mask,
-                      slot.noise, slot.temperature, slot.top_p, slot.top_k, slot.cache_position):
+                      slot.noise, slot.temperature, slot.top_p, slot.top_k, slot.cache_position, slot.step_idx):
                 torch._dynamo.mark_static_address(t)
         self._slots[key] = slot
         return slot
 
+    def _steps(self, slot: _Slot, mode: str, count: int) -> None:
+        """Run ``count`` decode steps, state in ``slot`` (device work only: capturable)."""
+        for _ in range(count):
+            if mode != GREEDY:
+                slot.noise.exponential_()
+            if self.compile and not self._cuda_graphs and slot.mask.is_cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: one tree replay per step
+            tok, logp, done = self._step(
+                self.model, slot.cache, slot.tokens, slot.positions, slot.mask, slot.done, slot.last_pos,
+                slot.stop_mask, slot.temperature, slot.noise, slot.top_p, slot.top_k,
+                slot.cache_position if self._takes_cache_position else None,
+                mode=mode, pad_token_id=self.pad_token_id, cache_kw=self._cache_kw)
+            # copy out before the next step (or replay) overwrites the step's outputs
+            slot.out_tokens.index_copy_(1, slot.step_idx, tok[:, None])
+            slot.out_logp.index_copy_(1, slot.step_idx, logp[:, None])
+            slot.tokens.copy_(tok)
+            slot.done.copy_(done)
+            slot.positions.add_(1)
+            slot.step_idx.add_(1)
+            if self._takes_cache_position:
+                slot.cache_position.add_(1)
+
+    def _weights_signature(self) -> tuple[int, ...]:
+        """Addresses of the tensors a captured graph reads besides the slot's own (they move
+        with ``model.to``, a re-laid-out flat buffer, ``load_state_dict(assign=True)``)."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *fused_weights(self.model)]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def _graph(self, slot: _Slot, mode: str):
+        """The captured graph of ``graph_steps`` steps for this bucket and mode, if still valid."""
+        entry = slot.graphs.get(mode)
+        if entry is not None and entry[1] == self._weights_signature():
+            return entry[0]
+        slot.graphs.pop(mode, None)
+        return None
+
+    def _capture(self, slot: _Slot, mode: str) -> "torch.cuda.CUDAGraph":
+        """Record ``graph_steps`` decode steps into one CUDA graph (recorded, not run: the state
+        in ``slot`` is as after the steps that just ran eagerly, and replays continue from it).
+
+        The compiled step already ran with these tensors (no compile inside the capture);
+        sampling noise is drawn inside the graph from torch's default CUDA generator (each
+        replay advances its offset, so ``torch.manual_seed`` still fixes a call's draws)."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._steps(slot, mode, self.graph_steps)
+        slot.graphs[mode] = (graph, self._weights_signature())
+        self.graphs_captured += 1
+        return graph
+
     @torch.no_grad()
-    @_with_grouped_attention
+    @_with_decode_model
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -416,33 +503,32 @@ class StaticDecoder:
         t_prefill = time.perf_counter()
 
         # ---- decode loop: no host sync except every `check_every` steps
+        slot.step_idx.fill_(1)
         n = 1
         aborted = False
+        since_check = self.check_every  # check before the first step
+        graph = self._graph(slot, mode) if self._cuda_graphs else None
         while n < n_max:
-            if n % self.check_every == 1 or self.check_every == 1:
+            if since_check >= self.check_every:
+                since_check = 0
                 if abort_event is not None and abort_event.is_set():
                     aborted = True
                     break
                 if bool(slot.done.all()):
                     break
-            if mode != GREEDY:
-                slot.noise.exponential_()
-            if cuda and self.compile:
-                torch.compiler.cudagraph_mark_step_begin()
-            tok, logp, done = self._step(
-                self.model, slot.cache, slot.tokens, slot.positions, slot.mask, slot.done, slot.last_pos,
-                slot.stop_mask, slot.temperature, slot.noise, slot.top_p, slot.top_k,
-                slot.cache_position if self._takes_cache_position else None,
-                mode=mode, pad_token_id=self.pad_token_id, cache_kw=self._cache_kw)
-            # copy out before the next replay overwrites the graph's outputs
-            slot.out_tokens[:, n].copy_(tok)
-            slot.out_logp[:, n].copy_(logp)
-            slot.tokens.copy_(tok)
-            slot.done.copy_(done)
-            slot.positions.add_(1)
-            if self._takes_cache_position:
-                slot.cache_position.add_(1)
-            n += 1
+            if self._cuda_graphs:
+                if graph is not None:
+                    graph.replay()
+                else:  # first run of this bucket and mode (or weights moved): run the steps, then capture them
+                    self._steps(slot, mode, self.graph_steps)
+                    graph = self._capture(slot, mode)
+                done_steps = self.graph_steps
+            else:
+                self._steps(slot, mode, 1)
+                done_steps = 1
+            n += done_steps
+            since_check += done_steps
+        n = min(n, n_max)
         if cuda:
             ev[2].record()
         tokens, logps = slot.out_tokens[:, :n].cpu(), slot.out_logp[:, :n].cpu()  # the one sync
