@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F     (carry .whl for M and A; .twhl for E and F:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -18,6 +18,9 @@ export PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disa
        MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true RAY_DEDUP_LOGS=1
 if [ -d .whl ] && [ ! -d .site/ray ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
+fi
+if [ -d .gwhl ] && [ ! -d .site/ray ]; then  # .whl without megatron-core/cryptography + transformers 5.24 (fits one carry)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .gwhl/*.whl || exit 1
 fi
 if [ -d .twhl ] && [ ! -d .tsite/transformers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target .tsite .twhl/*.whl || exit 1
@@ -81,6 +84,13 @@ elif [ "$part" = C ]; then  # one GPU: GRPO job, colocated, --train-compile true
       --mlflow-tracking-uri jsonl:/tmp/compile_$c.jsonl 2>&1 | grep -E "^step|rror|Traceback" | tail -n 12 | tee "$OUT/compile_$c.log"
     summary compile_$c | tee -a "$OUT/compile_$c.log"
   done
+elif [ "$part" = G ]; then  # one GPU: GRPO job, colocated + --offload-rollout, compiled engine (auto: on for CUDA)
+  mk 135m /tmp/smol            # carry .gwhl (ray + transformers 5.24, the decode loop's version)
+  R=(--hf-checkpoint /tmp/smol --colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1
+     --num-rollout 5 --recompute-activations --use-dynamic-batch-size --max-tokens-per-gpu 8192)
+  timeout 330 python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
+    | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
+  summary engine_job | tee -a "$OUT/engine_job.log"
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"

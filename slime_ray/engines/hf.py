@@ -495,12 +495,16 @@ class HFEngine(RolloutEngine):
         self._abort.set()
 
     def release_memory(self) -> None:
-        """Move the weights to CPU and free accelerator memory (no-op on CPU)."""
+        """Move the weights to CPU and free accelerator memory (no-op on CPU). The static
+        loop's KV caches (one per shape bucket seen) stay allocated: they are what its compiled
+        step was compiled against."""
         if self.device.type != "cpu":
             with self._lock:
                 self._flat_layout = None  # its buffers would keep the GPU memory
                 if self._decoder is not None:
-                    self._decoder.clear()  # the shape buckets' KV caches
+                    # the fused weight copies go; the shape buckets' KV caches and captured graphs
+                    # stay (new cache tensors would mean a recompile per bucket after every release)
+                    self._decoder.release_weights()
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
 

@@ -319,6 +319,11 @@ class StaticDecoder:
         """Shape buckets with an allocated cache."""
         return len(self._slots)
 
+    def release_weights(self) -> None:
+        """Free the fused weight copies (the model's weights are about to move); caches, buffers
+        and captured graphs stay (a graph is recorded again once the weights' addresses changed)."""
+        release_fused_projections(self.model)
+
     def clear(self) -> None:
         """Drop every bucket's cache and buffers and the fused weight copies (frees accelerator memory)."""
         self._slots.clear()
@@ -349,7 +354,8 @@ class StaticDecoder:
             out_tokens=z(batch, max_new + extra, dt=torch.long), out_logp=z(batch, max_new + extra, dt=torch.float32),
             step_idx=z(1, dt=torch.long), graphs={},
         )
-        if dev.type == "cuda":  # the compiled step reads these in place: no copy per graph replay
+        if dev.type == "cuda" and self.compile and not self._cuda_graphs:
+            # cudagraph trees: the compiled step reads these in place, no copy per graph replay
             for t in (slot.mask, slot.tokens, slot.positions, slot.done, slot.last_pos, slot.stop_mask,
                       slot.noise, slot.temperature, slot.top_p, slot.top_k, slot.cache_position, slot.step_idx):
                 torch._dynamo.mark_static_address(t)

@@ -71,10 +71,11 @@ class FusedProjection(torch.nn.Module):
             self.weight = torch.empty(self.bounds[-1][1], ws[0].shape[1], dtype=ws[0].dtype, device=ws[0].device)
             if self._linears[0].bias is not None:
                 self.bias = torch.empty(self.bounds[-1][1], dtype=ws[0].dtype, device=ws[0].device)
-            if self.weight.is_cuda:  # read in place by compiled steps: no copy per CUDA-graph replay
-                torch._dynamo.mark_static_address(self.weight)
+            if self.weight.is_cuda:  # cudagraph trees read them in place (no copy per replay); not
+                # guarded: a re-allocation after release() re-records the graph, it does not recompile
+                torch._dynamo.mark_static_address(self.weight, guard=False)
                 if self.bias is not None:
-                    torch._dynamo.mark_static_address(self.bias)
+                    torch._dynamo.mark_static_address(self.bias, guard=False)
         torch.cat(ws, 0, out=self.weight)
         if self.bias is not None:
             torch.cat([lin.bias for lin in self._linears], 0, out=self.bias)
