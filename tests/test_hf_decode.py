@@ -337,3 +337,22 @@ def test_fused_projections_only_for_plain_linear_groups():
         assert n == fusable_groups(block)
         assert all(torch.allclose(r, o, atol=1e-6) for r, o in zip(ref, out))
     assert fusable_groups(with_bias) == 2
+
+
+def test_release_weights_keeps_bucket_caches(model_dir):
+    """Offloading the engine's weights frees the fused copies only: the buckets' caches (what the
+    compiled step was compiled against) stay, and the next call refills the fused weights."""
+    from slime_ray.engines.hf_fused import fused_weights
+
+    eng = HFEngine(model_dir, decode_loop="static", bucket=True, batch_buckets="2,8")
+    req = [_req(eng, PROMPTS[0], temperature=0.0, max_new_tokens=6)]
+    first = eng.generate(req)
+    cache = next(iter(eng._decoder._slots.values())).cache
+    assert eng._decoder.num_slots == 1 and len(fused_weights(eng.model)) == 2 * eng.model.config.num_hidden_layers
+    eng._decoder.release_weights()
+    assert fused_weights(eng.model) == [] and eng._decoder.num_slots == 1
+    again = eng.generate(req)
+    assert again[0]["output_ids"] == first[0]["output_ids"]
+    assert next(iter(eng._decoder._slots.values())).cache is cache
+    eng._decoder.clear()
+    assert eng._decoder.num_slots == 0 and fused_weights(eng.model) == []
