@@ -340,15 +340,19 @@ def test_fused_projections_only_for_plain_linear_groups():
 
 
 def test_release_weights_keeps_bucket_caches(model_dir):
-    """Offloading the engine's weights frees the fused copies only: the buckets' caches (what the
-    compiled step was compiled against) stay, and the next call refills the fused weights."""
-    from slime_ray.engines.hf_fused import fused_weights
+    """Offloading the engine's weights frees the fused copies and graphs only: the buckets' caches
+    (what the compiled step was compiled against) stay, and the next call refills the fused
+    weights. On CPU the copies are freed after every call (nothing is compiled against them)."""
+    from slime_ray.engines.hf_fused import fused_weights, use_fused_projections
 
     eng = HFEngine(model_dir, decode_loop="static", bucket=True, batch_buckets="2,8")
     req = [_req(eng, PROMPTS[0], temperature=0.0, max_new_tokens=6)]
     first = eng.generate(req)
     cache = next(iter(eng._decoder._slots.values())).cache
-    assert eng._decoder.num_slots == 1 and len(fused_weights(eng.model)) == 2 * eng.model.config.num_hidden_layers
+    assert eng._decoder.num_slots == 1 and fused_weights(eng.model) == []  # CPU: freed after the call
+    with use_fused_projections(eng.model):
+        pass
+    assert len(fused_weights(eng.model)) == 2 * eng.model.config.num_hidden_layers
     eng._decoder.release_weights()
     assert fused_weights(eng.model) == [] and eng._decoder.num_slots == 1
     again = eng.generate(req)
@@ -356,3 +360,30 @@ def test_release_weights_keeps_bucket_caches(model_dir):
     assert next(iter(eng._decoder._slots.values())).cache is cache
     eng._decoder.clear()
     assert eng._decoder.num_slots == 0 and fused_weights(eng.model) == []
+
+
+def test_full_weight_update_during_static_generate_waits(model_dir):
+    """A weight update that arrives while the static loop runs (its projections swapped for the
+    fused ones) waits for the call instead of failing on the swapped state dict."""
+    import time
+
+    eng = HFEngine(model_dir, decode_loop="static")
+    started = threading.Event()
+
+    def slow(module, args):
+        started.set()
+        time.sleep(0.01)
+
+    handle = eng.model.model.layers[0].register_forward_pre_hook(slow)
+    new = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(
+        eng.generate([_req(eng, PROMPTS[0], temperature=0.0, max_new_tokens=20)])))
+    worker.start()
+    try:
+        assert started.wait(10)
+        eng.update_weights(new, 3)
+    finally:
+        worker.join()
+        handle.remove()
+    assert eng.weight_version == 3 and out and out[0]["weight_version"] == 0

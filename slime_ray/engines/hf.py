@@ -393,11 +393,11 @@ class HFEngine(RolloutEngine):
             ValueError: a tensor whose shape differs from the model's, or tied names sent
                 with different values.
         """
-        state = self.model.state_dict()
-        self._check_names_shapes(state, {n: tuple(t.shape) for n, t in named_tensors.items()})
-        self._check_tied(state, named_tensors)
         names = list(named_tensors)
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad():  # the state dict under the lock: a running static loop swaps modules
+            state = self.model.state_dict()
+            self._check_names_shapes(state, {n: tuple(t.shape) for n, t in named_tensors.items()})
+            self._check_tied(state, named_tensors)
             copy_into([state[n] for n in names], [named_tensors[n] for n in names])
             self.weight_version = int(weight_version)
 
@@ -498,16 +498,15 @@ class HFEngine(RolloutEngine):
         self._abort.set()
 
     def release_memory(self) -> None:
-        """Move the weights to CPU and free accelerator memory (no-op on CPU). The static
-        loop's KV caches (one per shape bucket seen) stay allocated: they are what its compiled
-        step was compiled against."""
+        """Move the weights to CPU and free accelerator memory (no-op on CPU): the weights, the
+        static loop's fused weight copies and captured CUDA graphs. Its KV caches (one per shape
+        bucket seen) stay allocated: they are what its compiled step was compiled against, and
+        new cache tensors would mean a recompile per bucket after every release."""
         if self.device.type != "cpu":
             with self._lock:
                 self._flat_layout = None  # its buffers would keep the GPU memory
                 if self._decoder is not None:
-                    # the fused weight copies go; the shape buckets' KV caches and captured graphs
-                    # stay (new cache tensors would mean a recompile per bucket after every release)
-                    self._decoder.release_weights()
+                    self._decoder.release_weights()  # fused copies and graphs; the KV caches stay
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
 

@@ -11,8 +11,8 @@ and a per-row stopping criterion that reads the last tokens on the host syncs ev
   cumulative sum of the mask - 1) that fills the cache; its last logits give token 0;
 - decode: ONE function per step (:func:`decode_step`) doing the model forward of ``[B, 1]``
   tokens against a full-length static 2D mask (prompt padding 0, everything else 1; the cache's
-  own position gives causality), ``log_softmax(logits.float() / T)``, sampling, the chosen
-  token's log-prob and the per-row ``done`` update, all on the device. With ``compile`` it
+  own position gives causality), sampling from ``logits.float() / T``, the chosen token's
+  log-prob (``logit - logsumexp``) and the per-row ``done`` update, all on the device. With ``compile`` it
   runs under ``torch.compile(fullgraph=True, dynamic=False)`` (inductor kernels); on GPUs the
   loop then records ``graph_steps`` (default 8) consecutive steps -- noise draw, compiled step,
   copies into the output buffers -- as ONE CUDA graph per (bucket, sampling mode) after their
@@ -23,12 +23,14 @@ and a per-row stopping criterion that reads the last tokens on the host syncs ev
   ``graph_steps - 1`` steps past the last needed one (rows are done by then: pad tokens, into
   spare cache slots and output columns). Graphs are recorded again when the weights moved
   (``model.to``, a re-laid-out flat buffer); the dynamo graph is not recompiled;
-- sampling noise (``Exp(1)``, one kernel per step) is drawn outside the graph into a static
-  buffer from torch's global generator, so ``torch.manual_seed`` makes a call reproducible;
+- sampling noise (``Exp(1)``, one kernel per step) is drawn outside the compiled step into a
+  static buffer from torch's global CUDA/CPU generator (inside the captured graphs, whose
+  replays advance the generator), so ``torch.manual_seed`` makes a call reproducible;
   token = ``argmax(logits / T - log(noise))`` = a draw from ``softmax(logits / T)``
   (exponential race). ``top_k`` / ``top_p`` add one sort per step; the RL default (top_p = 1,
   top_k off) does not sort. Greedy (``T <= 0``) is ``argmax``;
-- tokens and log-probs go into preallocated ``[B, new tokens]`` device buffers; the host reads
+- tokens and log-probs go into preallocated ``[B, new tokens (+ graph_steps)]`` device buffers
+  at a device-side column index; the host reads
   ``done.all()`` (and the abort flag) only every ``check_every`` steps and copies the buffers
   once at the end.
 
@@ -224,7 +226,8 @@ class DecodeResult:
         tokens: ``[B, n]`` int64, n = tokens produced per row (finished rows padded).
         log_probs: ``[B, n]`` float32 (0 after a row finished).
         aborted: the abort event ended the loop early.
-        stats: ``prefill_ms``, ``decode_ms``, ``decode_steps``, ``ms_per_step``.
+        stats: ``prefill_ms``, ``decode_ms``, ``decode_steps`` (steps run, including those a
+            CUDA graph ran past the last needed one), ``ms_per_step``.
     """
 
     tokens: torch.Tensor
@@ -240,9 +243,13 @@ def _with_decode_model(fn):
     :func:`use_fused_projections`)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        with use_grouped_attention(self.model, self.grouped_attention), \
-                use_fused_projections(self.model, self.fused_projections):
-            return fn(self, *args, **kwargs)
+        try:
+            with use_grouped_attention(self.model, self.grouped_attention), \
+                    use_fused_projections(self.model, self.fused_projections):
+                return fn(self, *args, **kwargs)
+        finally:
+            if self.device.type == "cpu":  # nothing compiled against them: do not keep the copies
+                release_fused_projections(self.model)
     return wrapper
 
 
@@ -264,9 +271,11 @@ class StaticDecoder:
             attention; others keep theirs).
         fused_projections: run q/k/v and gate/up as one GEMM each during :meth:`generate`
             (:mod:`slime_ray.engines.hf_fused`; costs a copy of those weights in memory).
-        graph_steps: decode steps per captured CUDA graph (``compile`` on CUDA only; 0: one
-            cudagraph-tree replay per step with ``compile_mode``). ``check_every`` is then
-            effectively rounded up to a multiple of it.
+        graph_steps: decode steps per captured CUDA graph (``compile`` on CUDA only, not with
+            the ``cudagraphs`` backend; 0: one cudagraph-tree replay per step with
+            ``compile_mode``). ``check_every`` is then effectively rounded up to a multiple of it.
+            The graphs share one memory pool (they never run at the same time and keep no
+            tensor alive between replays).
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -295,7 +304,9 @@ class StaticDecoder:
         # K decode steps per captured CUDA graph (compiled step, on CUDA); 0: one cudagraph-tree
         # replay per step (torch.compile's mode="reduce-overhead")
         self.graph_steps = max(0, int(graph_steps))
-        self._cuda_graphs = self.compile and self.graph_steps > 0 and self.device.type == "cuda"
+        self._cuda_graphs = (self.compile and self.graph_steps > 0 and self.device.type == "cuda"
+                             and (compile_options or {}).get("backend") != "cudagraphs")
+        self._graph_pool = torch.cuda.graph_pool_handle() if self._cuda_graphs else None
         self._cache_kw, self._takes_cache_position = _forward_kwargs(model)
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._step: Callable = decode_step
@@ -320,9 +331,11 @@ class StaticDecoder:
         return len(self._slots)
 
     def release_weights(self) -> None:
-        """Free the fused weight copies (the model's weights are about to move); caches, buffers
-        and captured graphs stay (a graph is recorded again once the weights' addresses changed)."""
+        """Free the fused weight copies and the captured graphs (the model's weights are about to
+        move, so the graphs would be recorded again anyway); the buckets' caches and buffers stay."""
         release_fused_projections(self.model)
+        for slot in self._slots.values():
+            slot.graphs.clear()
 
     def clear(self) -> None:
         """Drop every bucket's cache and buffers and the fused weight copies (frees accelerator memory)."""
@@ -407,7 +420,7 @@ class StaticDecoder:
         replay advances its offset, so ``torch.manual_seed`` still fixes a call's draws)."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             self._steps(slot, mode, self.graph_steps)
         slot.graphs[mode] = (graph, self._weights_signature())
         self.graphs_captured += 1
@@ -514,6 +527,7 @@ class StaticDecoder:
         aborted = False
         since_check = self.check_every  # check before the first step
         graph = self._graph(slot, mode) if self._cuda_graphs else None
+        ran = 0  # decode steps run (a graph may run a few past the last needed one)
         while n < n_max:
             if since_check >= self.check_every:
                 since_check = 0
@@ -533,6 +547,7 @@ class StaticDecoder:
                 self._steps(slot, mode, 1)
                 done_steps = 1
             n += done_steps
+            ran += done_steps
             since_check += done_steps
         n = min(n, n_max)
         if cuda:
@@ -544,7 +559,6 @@ class StaticDecoder:
             prefill_ms, decode_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
         else:
             prefill_ms, decode_ms = (t_prefill - t_start) * 1e3, (time.perf_counter() - t_prefill) * 1e3
-        steps = n - 1
-        self.last_stats = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_steps": float(steps),
-                           "ms_per_step": decode_ms / steps if steps else 0.0, "batch": float(batch)}
+        self.last_stats = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_steps": float(ran),
+                           "ms_per_step": decode_ms / ran if ran else 0.0, "batch": float(batch)}
         return DecodeResult(tokens, logps, aborted, dict(self.last_stats))
