@@ -274,8 +274,10 @@ class StaticDecoder:
         graph_steps: decode steps per captured CUDA graph (``compile`` on CUDA only, not with
             the ``cudagraphs`` backend; 0: one cudagraph-tree replay per step with
             ``compile_mode``). ``check_every`` is then effectively rounded up to a multiple of it.
-            The graphs share one memory pool (they never run at the same time and keep no
-            tensor alive between replays).
+            Each graph keeps its own memory pool (one step's working set) until it is dropped
+            (:meth:`release_weights`, :meth:`clear`, weights moved, bucket evicted). A pool
+            shared by all graphs would be freed with the last graph using it, and a capture into
+            its stale handle fails (torch's caching allocator asserts).
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -306,7 +308,6 @@ class StaticDecoder:
         self.graph_steps = max(0, int(graph_steps))
         self._cuda_graphs = (self.compile and self.graph_steps > 0 and self.device.type == "cuda"
                              and (compile_options or {}).get("backend") != "cudagraphs")
-        self._graph_pool = torch.cuda.graph_pool_handle() if self._cuda_graphs else None
         self._cache_kw, self._takes_cache_position = _forward_kwargs(model)
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._step: Callable = decode_step
@@ -420,7 +421,7 @@ class StaticDecoder:
         replay advances its offset, so ``torch.manual_seed`` still fixes a call's draws)."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._steps(slot, mode, self.graph_steps)
         slot.graphs[mode] = (graph, self._weights_signature())
         self.graphs_captured += 1
