@@ -27,6 +27,7 @@ accelerator memory); the next block re-allocates.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterator
 
 import torch
@@ -54,7 +55,7 @@ class FusedProjection(torch.nn.Module):
     def __init__(self, linears: list[torch.nn.Linear]):
         super().__init__()
         self._linears = list(linears)  # plain list: not submodules
-        ends = torch.tensor([lin.out_features for lin in linears]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(lin.out_features for lin in linears))
         self.bounds = [(e - lin.out_features, e) for lin, e in zip(linears, ends)]
         self.register_buffer("weight", None, persistent=False)
         self.register_buffer("bias", None, persistent=False)
