@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--extra", default="", help="extra jobs/grpo.py flags, e.g. '--rollout-compile true'")
     a = p.parse_args()
     os.environ.setdefault("RAY_ADDRESS", "local")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -227,7 +228,7 @@ def main() -> None:
             "--micro-batch-size", str(a.prompts_per_step * a.group_size), "--num-rollout", str(a.steps),
             "--rollout-max-response-len", str(a.max_new_tokens), "--rollout-temperature", "1.0",
             "--advantage-estimator", "grpo", "--lr", "1e-6", "--torch-num-threads", str(a.threads),
-            "--mlflow-tracking-uri", f"sqlite:///{db}", "--run-name", "overhead"]
+            "--mlflow-tracking-uri", f"sqlite:///{db}", "--run-name", "overhead"] + a.extra.split()
     t_start = time.perf_counter()
     result = grpo.main(argv)
     t_main = time.perf_counter() - t_start

@@ -60,7 +60,7 @@ def run_ours(args, model: str) -> list[float]:
             "--num-rollout", str(args.steps), "--rollout-max-response-len", str(args.max_new_tokens),
             "--rollout-temperature", "1.0", "--advantage-estimator", "grpo", "--lr", str(args.lr),
             "--torch-num-threads", str(args.threads), "--mlflow-tracking-uri", f"sqlite:///{db}",
-            "--run-name", "ours"]
+            "--run-name", "ours"] + args.ours_extra.split()
     result = grpo.main(argv)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
     hist = client.get_metric_history(result.run_id, "perf/train_time")
@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="run both sides this many times, alternating which goes first; the ratio is the "
                         "median of the per-round ratios (this VM's speed drifts by +-25%% over minutes)")
+    p.add_argument("--ours-extra", default="", help="extra jobs/grpo.py flags for our side, e.g. "
+                   "'--rollout-compile true --rollout-batch-buckets 16'")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     model = args.model

@@ -44,7 +44,7 @@ import random
 import re
 import string
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Awaitable, Callable
 
 from slime_ray.plugins import PluginError, check_signature, load_function
@@ -169,10 +169,27 @@ def _mv_timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+_PARSED: "OrderedDict[str, tuple]" = OrderedDict()  # text -> math-verify parse (least recently used first)
+_PARSED_MAX = 4096
+_PARSED_LOCK = threading.Lock()
+
+
 def _mv_parse(text: str, timeout: int | None) -> list:
+    """``math_verify.parse(text)``, cached by text: a group's samples share one label and short
+    answers such as ``\\boxed{12}`` recur, and each parse runs the LaTeX grammar (~1 ms)."""
+    with _PARSED_LOCK:
+        hit = _PARSED.get(text)
+        if hit is not None:
+            _PARSED.move_to_end(text)
+            return list(hit)
     from math_verify import parse
 
-    return parse(text, parsing_timeout=timeout)
+    out = parse(text, parsing_timeout=timeout)
+    with _PARSED_LOCK:
+        _PARSED[text] = tuple(out)
+        while len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return out
 
 
 def _parse_label(label: Any, timeout: int | None) -> list:

@@ -117,6 +117,7 @@ class GroupNormalizer:
         proto = item if isinstance(item, Sample) else Sample(
             prompt=item["prompt"], label=item.get("label"), metadata=dict(item.get("metadata") or {}),
             tokens=list(item.get("prompt_ids") or []))
+        self._tokens(proto)  # once per group, not once per sample
         group = []
         for _ in range(int(self.args.n_samples_per_prompt)):
             s = copy.deepcopy(proto)
