@@ -58,7 +58,6 @@ class EngineClient:
         self.coalesce = True  # concurrent generate calls go to the ingress in one call (see generate)
         self._pending: dict[Any, list] = {}  # event loop -> [(request, future)] not sent yet
         self._pending_lock = threading.Lock()  # loops of several threads may share this client
-        self._ingress_ack: Any = None  # set_weight_version response of the last update_weights, not waited for
 
     @classmethod
     def from_app(cls, app_name: str = "rollout", num_engines: int | None = None) -> "EngineClient":
@@ -199,19 +198,9 @@ class EngineClient:
         """
         ref = self._as_ref(weights)
         self.publish_weights(ref[0], weight_version)  # first: a replica starting now already gets this version
-        self.wait_ingress_version()
         versions = [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
-        # Not waited for here (one Serve round trip less per step): the ingress version is only a
-        # lower bound that keeps stale replicas out of routing, and every engine already holds it.
-        # Its result (an error, say) is collected by the next sync or wait_ingress_version().
-        self._ingress_ack = self.ingress.set_weight_version.remote(int(weight_version))
+        self.ingress.set_weight_version.remote(int(weight_version)).result()
         return versions
-
-    def wait_ingress_version(self) -> None:
-        """Wait until the ingress took the version of the last :meth:`update_weights` (raises its error)."""
-        ack, self._ingress_ack = self._ingress_ack, None
-        if ack is not None:
-            ack.result()
 
     def publish_weights(self, weights: Any, weight_version: int) -> None:
         """Hand ``weights`` to the weight store (fault tolerance) without pushing them to the engines."""
