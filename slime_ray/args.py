@@ -91,7 +91,8 @@ class RolloutConfig:
     rollout_batch_buckets: str = arg("8,32,64,128,256", "hf engine with --rollout-compile: batch sizes calls are "
                                      "padded to (one compile per bucket).")
     rollout_decode_loop: str = arg("auto", "hf engine decode loop: static (own static-cache loop, 8 steps per CUDA "
-                                   "graph), generate (transformers generate); auto: static when compiled.",
+                                   "graph when compiled), generate (transformers generate); auto: static for models transformers "
+                                   "runs with a static cache (or when compiled), else generate.",
                                    choices=("auto", "static", "generate"))
     custom_generate_function_path: str | None = arg(None, "async def generate(args, sample, sampling_params) -> Sample | list[Sample].")
     max_turns: int = arg(1, "Max turns of a multi-turn custom generate function.")

@@ -17,7 +17,14 @@ from slime_ray.engines.hf_attention import (
     use_grouped_attention,
 )
 from slime_ray.engines.hf_compile import dynamo_graph_count
-from slime_ray.engines.hf_decode import SAMPLE, SAMPLE_FILTERED, StaticDecoder, draw_noise_, select_tokens
+from slime_ray.engines.hf_decode import (
+    SAMPLE,
+    SAMPLE_FILTERED,
+    StaticDecoder,
+    distinct_rows,
+    draw_noise_,
+    select_tokens,
+)
 from slime_ray.testing import engine_request as _req
 from slime_ray.testing import make_tiny_model_dir
 from slime_ray.testing import trainer_log_probs as _trainer_log_probs
@@ -32,7 +39,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(model_dir):
-    return HFEngine(model_dir)  # CPU default: generate path, no buckets
+    return HFEngine(model_dir, decode_loop="generate")  # transformers generate, no buckets
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +51,9 @@ def static(model_dir):
 
 def test_modes_resolved(gen, static, model_dir):
     assert gen.decode_loop == "generate" and gen._decoder is None and not gen.compile
+    default = HFEngine(model_dir)  # CPU, auto: the static loop, eager, one kept cache, no buckets
+    assert default.decode_loop == "static" and not default.compile and default.buckets is None
+    assert default._decoder.max_slots == 1 and default._decoder.share_prefill
     assert static.decode_loop == "static" and not static.compile and static.health()["decode_loop"] == "static"
     with pytest.raises(ValueError, match="decode_loop"):
         HFEngine(model_dir, decode_loop="fast")
@@ -412,3 +422,36 @@ def test_sampling_draws_follow_softmax(noise_cols):
     p2 = probs[0] / (probs[0] + probs[4])  # 0.4740 / 0.7615 = 0.6225
     assert set(tokens.unique().tolist()) == {0, 4}
     assert abs(freq[0] - p2) <= 4 * (p2 * (1 - p2) / n) ** 0.5
+
+
+def test_distinct_rows_by_prompt_and_mask():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    # row 3 has row 0's ids but attends to the leading 0: a different prompt
+    assert distinct_rows(ids, mask) == ([0, 1, 3], [0, 1, 0, 2, 1])
+
+
+def test_shared_prefill_equals_prefill_per_row(model_dir):
+    """A GRPO-shaped call (3 prompts x 3 samples, interleaved): the prefill runs on the 3 distinct
+    prompts, and greedy ids / log-probs equal the loop that prefills all 9 rows; sampled rows of
+    one prompt draw their own tokens, with log-probs equal to the trainer's forward."""
+    shared = HFEngine(model_dir, decode_loop="static")
+    separate = HFEngine(model_dir, decode_loop="static")
+    separate._decoder.share_prefill = False
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]] * 3
+    reqs = [_req(shared, p, temperature=0.0, max_new_tokens=12) for p in prompts]
+    a, b = shared.generate(reqs), separate.generate(reqs)
+    assert shared.last_decode_stats["prefill_rows"] == 3 and separate.last_decode_stats["prefill_rows"] == 9
+    for x, y in zip(a, b):
+        assert x["output_ids"] == y["output_ids"]
+        assert max(abs(u - v) for u, v in zip(x["output_log_probs"], y["output_log_probs"])) < 1e-5
+    assert a[0]["output_ids"] == a[3]["output_ids"] == a[6]["output_ids"]  # greedy: same prompt, same ids
+
+    torch.manual_seed(0)
+    reqs = [_req(shared, PROMPTS[1], temperature=1.0, max_new_tokens=16) for _ in range(6)]
+    out = shared.generate(reqs)
+    assert shared.last_decode_stats["prefill_rows"] == 1
+    assert len({tuple(o["output_ids"]) for o in out}) >= 5  # 6 independent draws over a 443-token vocabulary
+    for r, o in zip(reqs, out):
+        ref = _trainer_log_probs(shared.model, r["input_ids"], o["output_ids"], 1.0)
+        assert (ref - torch.tensor(o["output_log_probs"])).abs().max().item() < 1e-4

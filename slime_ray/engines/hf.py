@@ -1,6 +1,6 @@
 """HFEngine: the embedded transformers rollout engine (CPU or one GPU).
 
-Implements :class:`slime_ray.engines.base.RolloutEngine` with ``model.generate``:
+Implements :class:`slime_ray.engines.base.RolloutEngine` (``model.generate`` semantics):
 
 - one ``generate`` call per group of requests that share ``temperature / top_p / top_k``
   (requests with a ``seed`` run alone, so their output does not depend on what they were
@@ -11,12 +11,15 @@ Implements :class:`slime_ray.engines.base.RolloutEngine` with ``model.generate``
 - per-token log-probs from the *raw* logits (``output_logits=True``) at the sampling
   temperature, ``log_softmax(logits / T)[token]`` (T=1 for greedy), so they equal a trainer
   forward pass on prompt + response with the logits divided by T;
-- on CUDA by default (``compile``): static KV cache + ``torch.compile`` of the decode step,
-  with batch / prompt length / new tokens padded to a few shape buckets so varying RL
-  batches compile once per bucket (:mod:`slime_ray.engines.hf_compile`). The decode loop is
-  then the engine's own (:mod:`slime_ray.engines.hf_decode`: one compiled CUDA-graph step
-  doing forward + sampling + log-prob + stop checks on the device, host checks every few
-  steps) instead of ``generate``; requests with stop *strings* still go through ``generate``.
+- the decode loop is by default the engine's own (:mod:`slime_ray.engines.hf_decode`: a
+  static KV cache, one step doing forward + sampling + log-prob + stop checks on the device,
+  host checks every few steps, repeated prompts prefilled once) instead of ``generate``, for
+  every model transformers can run with a static cache; requests with stop *strings* still go
+  through ``generate``;
+- on CUDA by default (``compile``) that step is compiled (``torch.compile``, 8 steps per CUDA
+  graph), with batch / prompt length / new tokens padded to a few shape buckets so varying
+  RL batches compile once per bucket (:mod:`slime_ray.engines.hf_compile`); on CPU it runs
+  eagerly (``--rollout-compile true`` compiles it there too).
 
 Text stays consistent with token ids: ``text = decode(output_ids)`` (the stop string and the
 EOS token are kept, like slime's ``no_stop_trim=True``; special tokens are skipped in text).
@@ -102,8 +105,9 @@ class HFEngine(RolloutEngine):
         batch_buckets: batch buckets, e.g. "8,32,64,128,256" (default) or a list of ints.
         compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs).
         decode_loop: "auto" (the static-cache loop of :mod:`slime_ray.engines.hf_decode` when
-            ``compile`` is on, else ``generate``), "static" (that loop, compiled only with
-            ``compile``), "generate" (transformers ``generate``). Calls with stop strings
+            ``compile`` is on or the model supports a static cache, transformers'
+            ``_can_compile_fullgraph``; else ``generate``), "static" (that loop, compiled only
+            with ``compile``), "generate" (transformers ``generate``). Calls with stop strings
             always use ``generate``.
 
     Raises:
@@ -165,7 +169,12 @@ class HFEngine(RolloutEngine):
             raise_recompile_limit()
         if decode_loop not in ("auto", "static", "generate"):
             raise ValueError(f"HFEngine: decode_loop must be auto/static/generate, got {decode_loop!r}")
-        self.decode_loop = "static" if decode_loop == "static" or (decode_loop == "auto" and self.compile) else "generate"
+        # auto: the static loop wherever transformers says the model runs with a static cache
+        # (``_can_compile_fullgraph``), compiled or not; it is also the faster loop eagerly on CPU
+        # (no logits processors, one prefill per distinct prompt; bench/RESULTS.md, 2026-12-01)
+        static_ok = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        self.decode_loop = "static" if decode_loop == "static" or (
+            decode_loop == "auto" and (self.compile or static_ok)) else "generate"
         self._decoder = StaticDecoder(self.model, pad_token_id=self.pad_token_id, compile=self.compile,
                                       compile_mode=compile_mode) if self.decode_loop == "static" else None
         self.last_decode_stats: dict[str, float] = {}

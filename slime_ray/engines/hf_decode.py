@@ -8,7 +8,9 @@ and a per-row stopping criterion that reads the last tokens on the host syncs ev
 - one :class:`transformers.StaticCache` per shape bucket ``(batch, prompt + new tokens)``,
   allocated once and reset between calls, so the addresses CUDA graphs captured stay valid;
 - prefill: one eager forward over the left-padded prompts (per-row ``position_ids`` =
-  cumulative sum of the mask - 1) that fills the cache; its last logits give token 0;
+  cumulative sum of the mask - 1) that fills the cache; its last logits give token 0. Repeated
+  prompts (the samples of a GRPO group) are prefilled once and their keys / values copied to
+  every row of the group (``share_prefill``);
 - decode: ONE function per step (:func:`decode_step`) doing the model forward of ``[B, 1]``
   tokens against a full-length static 2D mask (prompt padding 0, everything else 1; the cache's
   own position gives causality), sampling from ``logits.float() / T``, the chosen token's
@@ -224,6 +226,32 @@ def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     return cache_kw, "cache_position" in params
 
 
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """``(first, inverse)``: the index of each distinct (prompt, mask) row's first occurrence,
+    and for every row the position of its row in ``first`` (``rows[i] == rows[first[inverse[i]]]``).
+
+    Args:
+        input_ids, attention_mask: ``[B, P]`` int64 (any device; read on the host).
+    """
+    keys = torch.cat([input_ids, attention_mask], dim=1).tolist()
+    index: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    inverse: list[int] = []
+    for i, row in enumerate(keys):
+        j = index.setdefault(tuple(row), len(first))
+        if j == len(first):
+            first.append(i)
+        inverse.append(j)
+    return first, inverse
+
+
+def _plain_static_layers(cache: Any) -> bool:
+    """Every layer of ``cache`` a full-length ``StaticLayer`` (no sliding window, no linear /
+    quantized state), i.e. a prefill computed elsewhere can be written into it with ``update``."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "StaticLayer" for layer in layers)
+
+
 @dataclass
 class _Slot:
     """Everything allocated once per shape bucket (static addresses for CUDA graphs)."""
@@ -255,7 +283,8 @@ class DecodeResult:
         log_probs: ``[B, n]`` float32 (0 after a row finished).
         aborted: the abort event ended the loop early.
         stats: ``prefill_ms``, ``decode_ms``, ``decode_steps`` (steps run, including those a
-            CUDA graph ran past the last needed one), ``ms_per_step``.
+            CUDA graph ran past the last needed one), ``ms_per_step``, ``batch``, ``prefill_rows``
+            (rows the prefill forward ran: the distinct prompts when they were shared).
     """
 
     tokens: torch.Tensor
@@ -293,7 +322,8 @@ class StaticDecoder:
             cudagraphs: "max-autotune" becomes "max-autotune-no-cudagraphs", others the default).
         compile_options: extra ``torch.compile`` kwargs (e.g. ``{"backend": "aot_eager"}``).
         check_every: decode steps between host checks of ``done.all()`` and the abort event.
-        max_slots: shape buckets whose caches are kept (least recently used evicted).
+        max_slots: shape buckets whose caches are kept (least recently used evicted); default
+            16 when compiled, 1 eagerly (a new shape then reallocates, as ``generate`` does).
         grouped_attention: run the model with :mod:`slime_ray.engines.hf_attention`'s
             grouped-query attention during :meth:`generate` (GQA models with SDPA or eager
             attention; others keep theirs).
@@ -306,6 +336,10 @@ class StaticDecoder:
             (:meth:`release_weights`, :meth:`clear`, weights moved, bucket evicted). A pool
             shared by all graphs would be freed with the last graph using it, and a capture into
             its stale handle fails (torch's caching allocator asserts).
+        share_prefill: identical rows (same prompt ids and mask: a GRPO group's samples) are
+            prefilled once and their keys / values copied into each row's cache slots (as a
+            prefix cache would); every row still draws its own tokens. Only for caches whose
+            layers are all plain ``StaticLayer``s; others prefill every row.
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -319,15 +353,19 @@ class StaticDecoder:
         compile_mode: str = "reduce-overhead",
         compile_options: dict[str, Any] | None = None,
         check_every: int = 8,
-        max_slots: int = 16,
+        max_slots: int | None = None,
         grouped_attention: bool = True,
         fused_projections: bool = True,
         graph_steps: int = 8,
+        share_prefill: bool = True,
     ):
         self.model = model
+        self.share_prefill = bool(share_prefill)
         self.pad_token_id = int(pad_token_id)
         self.check_every = max(1, int(check_every))
-        self.max_slots = max(1, int(max_slots))
+        # compiled: a bucket's cache is what its graph was compiled against, keep several; eager:
+        # nothing depends on the addresses, keep one (unbucketed CPU calls vary in shape)
+        self.max_slots = max(1, int(max_slots if max_slots is not None else (16 if compile else 1)))
         self.compile = bool(compile)
         self.grouped_attention = bool(grouped_attention)
         self.fused_projections = bool(fused_projections)
@@ -455,6 +493,43 @@ class StaticDecoder:
         self.graphs_captured += 1
         return graph
 
+    def _prefill(self, slot: _Slot, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Fill the slot's cache with the prompts; ``(last-position logits [B, V], rows run)``.
+
+        With ``share_prefill`` and repeated rows, the forward runs on the distinct rows only
+        (into a ``DynamicCache``) and each layer's keys / values are gathered back to ``B`` rows
+        and written into the static cache at positions ``0 .. P-1``: a row's keys / values and
+        logits depend on its own tokens only, so this equals prefilling every row.
+        """
+        batch, prompt_len = input_ids.shape
+        dev = input_ids.device
+        first, inverse = (distinct_rows(input_ids, prompt_mask)
+                          if self.share_prefill and batch > 1 and _plain_static_layers(slot.cache)
+                          else (list(range(batch)), list(range(batch))))
+        cache_pos = torch.arange(prompt_len, device=dev)
+        if len(first) == batch:
+            kwargs = {self._cache_kw: slot.cache}
+            if self._takes_cache_position:
+                kwargs["cache_position"] = cache_pos
+            out = self.model(input_ids=input_ids, attention_mask=slot.mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **kwargs)
+            return out.logits[:, -1], batch
+        from transformers import DynamicCache
+
+        rows = torch.tensor(first, device=dev)
+        gather = torch.tensor(inverse, device=dev)
+        shared = DynamicCache()
+        kwargs = {self._cache_kw: shared}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = cache_pos
+        out = self.model(input_ids=input_ids[rows], attention_mask=prompt_mask[rows], position_ids=positions[rows],
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        for layer_idx, layer in enumerate(shared.layers):
+            slot.cache.update(layer.keys.index_select(0, gather), layer.values.index_select(0, gather), layer_idx,
+                              {"cache_position": cache_pos})
+        return out.logits[:, -1].index_select(0, gather), len(first)
+
     @torch.no_grad()
     @_with_decode_model
     def generate(
@@ -529,15 +604,11 @@ class StaticDecoder:
 
         # ---- prefill (eager): fills the cache, gives token 0
         positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-        kwargs = {self._cache_kw: slot.cache}
-        if self._takes_cache_position:
-            kwargs["cache_position"] = torch.arange(prompt_len, device=dev)
-        out = self.model(input_ids=input_ids.to(dev), attention_mask=slot.mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **kwargs)
+        last_logits, prefill_rows = self._prefill(slot, input_ids.to(dev), prompt_mask, positions)
         if mode != GREEDY:
             draw_noise_(slot.noise)
-        tok, logp = select_tokens(out.logits[:, -1], slot.temperature, slot.noise, slot.top_p, slot.top_k, mode)
-        del out
+        tok, logp = select_tokens(last_logits, slot.temperature, slot.noise, slot.top_p, slot.top_k, mode)
+        del last_logits
         tok = torch.where(not_active, self.pad_token_id, tok)
         done = not_active | slot.stop_mask.gather(1, tok[:, None]).squeeze(1) | (limits <= 1)
         slot.out_tokens[:, 0].copy_(tok)
@@ -589,5 +660,6 @@ class StaticDecoder:
         else:
             prefill_ms, decode_ms = (t_prefill - t_start) * 1e3, (time.perf_counter() - t_prefill) * 1e3
         self.last_stats = {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "decode_steps": float(ran),
-                           "ms_per_step": decode_ms / ran if ran else 0.0, "batch": float(batch)}
+                           "ms_per_step": decode_ms / ran if ran else 0.0, "batch": float(batch),
+                           "prefill_rows": float(prefill_rows)}
         return DecodeResult(tokens, logps, aborted, dict(self.last_stats))
