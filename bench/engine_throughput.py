@@ -63,11 +63,12 @@ def random_model_dir(src: str, dst: str) -> str:
     return dst
 
 
-def make_requests(tokenizer, n: int, new_tokens: int, temperature: float = 1.0) -> list[dict]:
+def make_requests(tokenizer, n: int, new_tokens: int, temperature: float = 1.0, group_size: int = 1) -> list[dict]:
+    """``n`` requests: test prompts with the chat template, each repeated ``group_size`` times in a row."""
     rows = [json.loads(line) for line in (REPO_ROOT / "examples/math_grpo/test.jsonl").open()]
     reqs = []
     for i in range(n):
-        msgs = [{"role": "user", "content": rows[i % len(rows)]["prompt"]}]
+        msgs = [{"role": "user", "content": rows[(i // group_size) % len(rows)]["prompt"]}]
         ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         reqs.append({"input_ids": ids, "return_logprob": True,
@@ -121,9 +122,11 @@ def run(args) -> dict:
     if args.random_init:
         model = random_model_dir(args.model, args.random_init)
     fast = args.mode == "fast"
+    # eager mode is the baseline: transformers' own generate unless a loop is asked for
+    decode_loop = "generate" if args.decode_loop == "auto" and not fast else args.decode_loop
     t0 = time.perf_counter()
     engine = HFEngine(model, dtype="bfloat16", device=args.device, eos_token_ids=[], compile=fast, bucket=fast,
-                      decode_loop=args.decode_loop, compile_mode=args.compile_mode)
+                      decode_loop=decode_loop, compile_mode=args.compile_mode)
     if engine._decoder is not None:
         from slime_ray.engines.hf_decode import StaticDecoder
 
@@ -138,7 +141,7 @@ def run(args) -> dict:
 
     res["transformers"] = transformers.__version__
     for b in args.batches:
-        reqs = make_requests(engine.tokenizer, b, args.new_tokens)
+        reqs = make_requests(engine.tokenizer, b, args.new_tokens, group_size=args.group_size)
         first_s, out = timed(engine, reqs)
         steady, stats = [], []
         for _ in range(args.repeats):
@@ -158,7 +161,9 @@ def run(args) -> dict:
             prefill_ms = statistics.median(st["prefill_ms"] for st in stats)
             res["batches"][b].update(decode_ms_per_step=step_ms, prefill_ms=prefill_ms,
                                      decode_steps=stats[-1]["decode_steps"], batch_bucket=stats[-1]["batch"])
-            line += f", decode ms/step {step_ms:.3f} (bucket {int(stats[-1]['batch'])}), prefill {prefill_ms:.1f} ms"
+            res["batches"][b]["prefill_rows"] = stats[-1].get("prefill_rows")
+            line += (f", decode ms/step {step_ms:.3f} (bucket {int(stats[-1]['batch'])}), prefill {prefill_ms:.1f} ms "
+                     f"({int(stats[-1].get('prefill_rows', 0))} rows)")
         print(line + f", graphs so far {engine.num_compilations}", flush=True)
         if b == args.batches[0]:
             mean_d, max_d = trainer_log_probs(engine.model, reqs, out, 1.0)
@@ -249,6 +254,9 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=1,
+                   help="samples per prompt (consecutive requests share a prompt, as a GRPO group; the static loop "
+                        "prefills each distinct prompt once)")
     p.add_argument("--varying", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[40, 200, 256, 100, 50, 256, 120, 64])
     p.add_argument("--no-fused", action="store_true",

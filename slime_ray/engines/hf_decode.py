@@ -493,7 +493,7 @@ class StaticDecoder:
         self.graphs_captured += 1
         return graph
 
-    def _prefill(self, slot: _Slot, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+    def _prefill(self, slot: _Slot, host_ids: torch.Tensor, host_mask: torch.Tensor,
                  positions: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Fill the slot's cache with the prompts; ``(last-position logits [B, V], rows run)``.
 
@@ -502,9 +502,10 @@ class StaticDecoder:
         and written into the static cache at positions ``0 .. P-1``: a row's keys / values and
         logits depend on its own tokens only, so this equals prefilling every row.
         """
-        batch, prompt_len = input_ids.shape
-        dev = input_ids.device
-        first, inverse = (distinct_rows(input_ids, prompt_mask)
+        batch, prompt_len = host_ids.shape
+        dev = positions.device
+        input_ids, prompt_mask = host_ids.to(dev), host_mask.to(dev, torch.long)
+        first, inverse = (distinct_rows(host_ids.cpu(), host_mask.cpu().long())
                           if self.share_prefill and batch > 1 and _plain_static_layers(slot.cache)
                           else (list(range(batch)), list(range(batch))))
         cache_pos = torch.arange(prompt_len, device=dev)
@@ -604,7 +605,7 @@ class StaticDecoder:
 
         # ---- prefill (eager): fills the cache, gives token 0
         positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-        last_logits, prefill_rows = self._prefill(slot, input_ids.to(dev), prompt_mask, positions)
+        last_logits, prefill_rows = self._prefill(slot, input_ids, attention_mask, positions)
         if mode != GREEDY:
             draw_noise_(slot.noise)
         tok, logp = select_tokens(last_logits, slot.temperature, slot.noise, slot.top_p, slot.top_k, mode)
