@@ -150,6 +150,7 @@ def main() -> None:
     from slime_ray.train import actor_critic, actor_group
 
     model = a.model or str(make_tiny_model_dir(tempfile.mkdtemp()))
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as slime_ray.job.init_ray does for a cluster it starts
     ray.init(address="local", include_dashboard=False, num_cpus=max(4, os.cpu_count() or 2),
              runtime_env={"worker_process_setup_hook": worker_hook,
                           "env_vars": {"SLIME_RAY_SPAN_FILE": SPAN_FILE}})

@@ -33,6 +33,13 @@ def init_ray(args: Namespace) -> None:
     if ray.is_initialized():
         return
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        # Ray starts workers at nice 15 (RAY_worker_niceness) so that they yield to its daemons;
+        # here the actors (engine, trainer) are the workload, and at nice 15 every nice-0
+        # process (this driver, its MLflow writer, the raylet) takes the CPU from them: the
+        # engine's decode ran ~1.5x slower on a 2-vCPU machine (bench/RESULTS.md, 2026-12-01).
+        # A cluster this job starts runs them at 0; `ray start` reads the same variable.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
