@@ -455,3 +455,29 @@ def test_shared_prefill_equals_prefill_per_row(model_dir):
     for r, o in zip(reqs, out):
         ref = _trainer_log_probs(shared.model, r["input_ids"], o["output_ids"], 1.0)
         assert (ref - torch.tensor(o["output_log_probs"])).abs().max().item() < 1e-4
+
+
+def test_prefill_shared_only_when_it_halves_the_rows(model_dir):
+    """4 rows of 3 distinct prompts: sharing would save one row and hold the keys / values twice,
+    so every row is prefilled; 4 rows of 2 prompts: 2 rows prefilled."""
+    eng = HFEngine(model_dir, decode_loop="static")
+    eng.generate([_req(eng, p, temperature=0.0, max_new_tokens=4) for p in PROMPTS[:3] + PROMPTS[:1]])
+    assert eng.last_decode_stats["prefill_rows"] == 4
+    eng.generate([_req(eng, p, temperature=0.0, max_new_tokens=4) for p in PROMPTS[:2] * 2])
+    assert eng.last_decode_stats["prefill_rows"] == 2
+
+
+def test_auto_loop_needs_full_attention_static_layers(tmp_path):
+    """A sliding-window model (transformers gives it StaticSlidingWindowLayer caches) keeps
+    ``generate`` by default on CPU; the eager loop checks for finished rows every step there."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from slime_ray.testing import build_tiny_tokenizer
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=256)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    eng = HFEngine(str(tmp_path))
+    assert eng.model._can_compile_fullgraph and eng.decode_loop == "generate" and eng._decoder is None
+    assert HFEngine(str(tmp_path), decode_loop="static")._decoder.check_every == 1

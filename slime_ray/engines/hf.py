@@ -105,8 +105,9 @@ class HFEngine(RolloutEngine):
         batch_buckets: batch buckets, e.g. "8,32,64,128,256" (default) or a list of ints.
         compile_mode: ``torch.compile`` mode ("reduce-overhead" = CUDA graphs).
         decode_loop: "auto" (the static-cache loop of :mod:`slime_ray.engines.hf_decode` when
-            ``compile`` is on or the model supports a static cache, transformers'
-            ``_can_compile_fullgraph``; else ``generate``), "static" (that loop, compiled only
+            ``compile`` is on, or when transformers gives the model a static cache
+            (``_can_compile_fullgraph``) whose layers are all full-length attention; else
+            ``generate``), "static" (that loop, compiled only
             with ``compile``), "generate" (transformers ``generate``). Calls with stop strings
             always use ``generate``.
 
@@ -172,7 +173,7 @@ class HFEngine(RolloutEngine):
         # auto: the static loop wherever transformers says the model runs with a static cache
         # (``_can_compile_fullgraph``), compiled or not; it is also the faster loop eagerly on CPU
         # (no logits processors, one prefill per distinct prompt; bench/RESULTS.md, 2026-12-01)
-        static_ok = bool(getattr(self.model, "_can_compile_fullgraph", False))
+        static_ok = bool(getattr(self.model, "_can_compile_fullgraph", False)) and self._plain_static_cache()
         self.decode_loop = "static" if decode_loop == "static" or (
             decode_loop == "auto" and (self.compile or static_ok)) else "generate"
         self._decoder = StaticDecoder(self.model, pad_token_id=self.pad_token_id, compile=self.compile,
@@ -188,6 +189,17 @@ class HFEngine(RolloutEngine):
         self._abort = threading.Event()
         self._running = threading.Event()
         self._running.set()
+
+    def _plain_static_cache(self) -> bool:
+        """The model's static cache is full-length attention in every layer (no sliding-window,
+        linear-attention or state-space layers, which the loop is not tested with uncompiled)."""
+        from slime_ray.engines.hf_decode import _plain_static_layers, make_static_cache
+
+        try:
+            probe = make_static_cache(self.model, 1, 8, self.device, next(self.model.parameters()).dtype)
+        except Exception:  # noqa: BLE001 - a model transformers cannot give a static cache
+            return False
+        return _plain_static_layers(probe)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

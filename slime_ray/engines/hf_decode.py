@@ -228,21 +228,21 @@ def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
 
 def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
     """``(first, inverse)``: the index of each distinct (prompt, mask) row's first occurrence,
-    and for every row the position of its row in ``first`` (``rows[i] == rows[first[inverse[i]]]``).
+    in order of first occurrence, and for every row the position of its row in ``first``
+    (``rows[i] == rows[first[inverse[i]]]``).
 
     Args:
-        input_ids, attention_mask: ``[B, P]`` int64 (any device; read on the host).
+        input_ids, attention_mask: ``[B, P]`` int64 host tensors.
     """
-    keys = torch.cat([input_ids, attention_mask], dim=1).tolist()
-    index: dict[tuple[int, ...], int] = {}
-    first: list[int] = []
-    inverse: list[int] = []
-    for i, row in enumerate(keys):
-        j = index.setdefault(tuple(row), len(first))
-        if j == len(first):
-            first.append(i)
-        inverse.append(j)
-    return first, inverse
+    keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    batch = keys.shape[0]
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # sorted uniques
+    first = torch.full((int(inverse.max()) + 1,), batch, dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(batch), "amin")
+    order = first.argsort()  # renumber the uniques by first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return first[order].tolist(), rank[inverse].tolist()
 
 
 def _plain_static_layers(cache: Any) -> bool:
@@ -321,7 +321,8 @@ class StaticDecoder:
             ``graph_steps`` > 0 on CUDA the loop records its own graphs and inductor runs without
             cudagraphs: "max-autotune" becomes "max-autotune-no-cudagraphs", others the default).
         compile_options: extra ``torch.compile`` kwargs (e.g. ``{"backend": "aot_eager"}``).
-        check_every: decode steps between host checks of ``done.all()`` and the abort event.
+        check_every: decode steps between host checks of ``done.all()`` and the abort event
+            (default: 1 eagerly on CPU, else 8).
         max_slots: shape buckets whose caches are kept (least recently used evicted); default
             16 when compiled, 1 eagerly (a new shape then reallocates, as ``generate`` does).
         grouped_attention: run the model with :mod:`slime_ray.engines.hf_attention`'s
@@ -339,7 +340,9 @@ class StaticDecoder:
         share_prefill: identical rows (same prompt ids and mask: a GRPO group's samples) are
             prefilled once and their keys / values copied into each row's cache slots (as a
             prefix cache would); every row still draws its own tokens. Only for caches whose
-            layers are all plain ``StaticLayer``s; others prefill every row.
+            layers are all plain ``StaticLayer``s, and only when there are at most half as many
+            distinct rows as rows (the shared path briefly holds their keys / values twice);
+            otherwise every row is prefilled.
 
     Not thread-safe: the engine serialises calls under its lock.
     """
@@ -352,7 +355,7 @@ class StaticDecoder:
         compile: bool = False,
         compile_mode: str = "reduce-overhead",
         compile_options: dict[str, Any] | None = None,
-        check_every: int = 8,
+        check_every: int | None = None,
         max_slots: int | None = None,
         grouped_attention: bool = True,
         fused_projections: bool = True,
@@ -362,7 +365,10 @@ class StaticDecoder:
         self.model = model
         self.share_prefill = bool(share_prefill)
         self.pad_token_id = int(pad_token_id)
-        self.check_every = max(1, int(check_every))
+        # eager on CPU a host check costs nothing (no device sync) and ends the loop as soon as
+        # every row is done and at an abort; elsewhere every 8 steps
+        eager_cpu = not compile and next(model.parameters()).device.type == "cpu"
+        self.check_every = max(1, int(check_every if check_every is not None else (1 if eager_cpu else 8)))
         # compiled: a bucket's cache is what its graph was compiled against, keep several; eager:
         # nothing depends on the addresses, keep one (unbucketed CPU calls vary in shape)
         self.max_slots = max(1, int(max_slots if max_slots is not None else (16 if compile else 1)))
@@ -508,6 +514,10 @@ class StaticDecoder:
         first, inverse = (distinct_rows(host_ids.cpu(), host_mask.cpu().long())
                           if self.share_prefill and batch > 1 and _plain_static_layers(slot.cache)
                           else (list(range(batch)), list(range(batch))))
+        if 2 * len(first) > batch:
+            # the shared path holds the distinct rows' keys / values twice (DynamicCache + static
+            # cache) for the prefill: worth it only when it at least halves the prefill
+            first, inverse = list(range(batch)), list(range(batch))
         cache_pos = torch.arange(prompt_len, device=dev)
         if len(first) == batch:
             kwargs = {self._cache_kw: slot.cache}
