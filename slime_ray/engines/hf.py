@@ -193,13 +193,13 @@ class HFEngine(RolloutEngine):
     def _plain_static_cache(self) -> bool:
         """The model's static cache is full-length attention in every layer (no sliding-window,
         linear-attention or state-space layers, which the loop is not tested with uncompiled)."""
-        from slime_ray.engines.hf_decode import _plain_static_layers, make_static_cache
+        from slime_ray.engines.hf_decode import make_static_cache, plain_static_layers
 
         try:
             probe = make_static_cache(self.model, 1, 8, self.device, next(self.model.parameters()).dtype)
         except Exception:  # noqa: BLE001 - a model transformers cannot give a static cache
             return False
-        return _plain_static_layers(probe)
+        return plain_static_layers(probe)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

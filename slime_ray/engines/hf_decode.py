@@ -245,7 +245,7 @@ def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tupl
     return first[order].tolist(), rank[inverse].tolist()
 
 
-def _plain_static_layers(cache: Any) -> bool:
+def plain_static_layers(cache: Any) -> bool:
     """Every layer of ``cache`` a full-length ``StaticLayer`` (no sliding window, no linear /
     quantized state), i.e. a prefill computed elsewhere can be written into it with ``update``."""
     layers = getattr(cache, "layers", None)
@@ -512,34 +512,32 @@ class StaticDecoder:
         dev = positions.device
         input_ids, prompt_mask = host_ids.to(dev), host_mask.to(dev, torch.long)
         first, inverse = (distinct_rows(host_ids.cpu(), host_mask.cpu().long())
-                          if self.share_prefill and batch > 1 and _plain_static_layers(slot.cache)
+                          if self.share_prefill and batch > 1 and plain_static_layers(slot.cache)
                           else (list(range(batch)), list(range(batch))))
         if 2 * len(first) > batch:
             # the shared path holds the distinct rows' keys / values twice (DynamicCache + static
             # cache) for the prefill: worth it only when it at least halves the prefill
             first, inverse = list(range(batch)), list(range(batch))
         cache_pos = torch.arange(prompt_len, device=dev)
-        if len(first) == batch:
-            kwargs = {self._cache_kw: slot.cache}
-            if self._takes_cache_position:
-                kwargs["cache_position"] = cache_pos
-            out = self.model(input_ids=input_ids, attention_mask=slot.mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **kwargs)
-            return out.logits[:, -1], batch
-        from transformers import DynamicCache
+        shared = len(first) < batch
+        if shared:  # distinct rows into a DynamicCache; their keys / values gathered below
+            from transformers import DynamicCache
 
-        rows = torch.tensor(first, device=dev)
-        gather = torch.tensor(inverse, device=dev)
-        shared = DynamicCache()
-        kwargs = {self._cache_kw: shared}
+            rows, gather = torch.tensor(first, device=dev), torch.tensor(inverse, device=dev)
+            cache, input_ids, mask, positions = DynamicCache(), input_ids[rows], prompt_mask[rows], positions[rows]
+        else:
+            cache, mask = slot.cache, slot.mask
+        kwargs = {self._cache_kw: cache}
         if self._takes_cache_position:
             kwargs["cache_position"] = cache_pos
-        out = self.model(input_ids=input_ids[rows], attention_mask=prompt_mask[rows], position_ids=positions[rows],
-                         use_cache=True, logits_to_keep=1, **kwargs)
-        for layer_idx, layer in enumerate(shared.layers):
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **kwargs).logits[:, -1]
+        if not shared:
+            return logits, batch
+        for layer_idx, layer in enumerate(cache.layers):
             slot.cache.update(layer.keys.index_select(0, gather), layer.values.index_select(0, gather), layer_idx,
                               {"cache_position": cache_pos})
-        return out.logits[:, -1].index_select(0, gather), len(first)
+        return logits.index_select(0, gather), len(first)
 
     @torch.no_grad()
     @_with_decode_model
