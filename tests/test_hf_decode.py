@@ -481,3 +481,48 @@ def test_auto_loop_needs_full_attention_static_layers(tmp_path):
     eng = HFEngine(str(tmp_path))
     assert eng.model._can_compile_fullgraph and eng.decode_loop == "generate" and eng._decoder is None
     assert HFEngine(str(tmp_path), decode_loop="static")._decoder.check_every == 1
+
+
+def test_eager_loop_builds_its_own_decode_mask(model_dir, monkeypatch):
+    """Uncompiled, the loop hands the model a 4D mask that opens one cache column per step, so
+    transformers builds a mask for the prefill only; left-padded rows of different lengths then
+    decode to the same greedy ids and log-probs (bit for bit) as with transformers' own mask."""
+    from transformers import masking_utils
+
+    calls = []  # masks transformers builds (the grouped attention's mask function calls sdpa_mask)
+    real_mask = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **k: calls.append(1) or real_mask(*a, **k))
+    own = HFEngine(model_dir, decode_loop="static")
+    theirs = HFEngine(model_dir, decode_loop="static")
+    theirs._decoder._eager_mask = lambda slot, prompt_len: None
+    reqs = [_req(own, p, temperature=0.0, max_new_tokens=10) for p in PROMPTS]  # 4 prompt lengths
+    calls.clear()
+    a = own.generate(reqs)
+    own_calls, steps = len(calls), own.last_decode_stats["decode_steps"]
+    (slot,) = own._decoder._slots.values()
+    prompt_len = max(len(r["input_ids"]) for r in reqs)
+    assert slot.decode_mask.shape == (4, 1, 1, slot.mask.shape[1]) and slot.decode_mask.dtype == torch.bool
+    assert slot.next_col == prompt_len + steps == prompt_len + 9
+    assert not slot.decode_mask[..., slot.next_col:].any()  # columns no step has written stay closed
+    calls.clear()
+    b = theirs.generate(reqs)
+    assert own_calls == 1 and len(calls) == 1 + steps  # the prefill's only, against one per forward
+    for x, y in zip(a, b):
+        assert x["output_ids"] == y["output_ids"] and x["output_log_probs"] == y["output_log_probs"]
+
+
+def test_eager_decode_mask_only_for_full_attention(tmp_path):
+    """A sliding-window model run with the static loop keeps transformers' mask (its layers do
+    not attend to the whole cache)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from slime_ray.testing import build_tiny_tokenizer
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=256)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    eng = HFEngine(str(tmp_path), decode_loop="static")
+    eng.generate([_req(eng, "What is 3 + 4?", temperature=0.0, max_new_tokens=6)])
+    (slot,) = eng._decoder._slots.values()
+    assert slot.decode_mask is None

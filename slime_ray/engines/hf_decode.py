@@ -272,6 +272,10 @@ class _Slot:
     out_logp: torch.Tensor  # [B, max_new + graph steps] float32
     step_idx: torch.Tensor  # [1] int64: the column of out_tokens the next step writes
     graphs: dict  # sampling mode -> (torch.cuda.CUDAGraph of graph_steps steps, weights signature)
+    # eager loop only: the decode steps' [B, 1, 1, L] bool mask, one cache column opened per step
+    # (see StaticDecoder._eager_mask); None when the model builds its mask from ``mask``
+    decode_mask: torch.Tensor | None = None
+    next_col: int = 0  # the cache column the next eager step writes
 
 
 @dataclass
@@ -455,8 +459,13 @@ class StaticDecoder:
                 draw_noise_(slot.noise)
             if self.compile and not self._cuda_graphs and slot.mask.is_cuda:
                 torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: one tree replay per step
+            mask = slot.mask
+            if slot.decode_mask is not None:
+                slot.decode_mask[..., slot.next_col] = True
+                slot.next_col += 1
+                mask = slot.decode_mask
             tok, logp, done = self._step(
-                self.model, slot.cache, slot.tokens, slot.positions, slot.mask, slot.done, slot.last_pos,
+                self.model, slot.cache, slot.tokens, slot.positions, mask, slot.done, slot.last_pos,
                 slot.stop_mask, slot.temperature, slot.noise, slot.top_p, slot.top_k,
                 slot.cache_position if self._takes_cache_position else None,
                 mode=mode, pad_token_id=self.pad_token_id, cache_kw=self._cache_kw)
@@ -469,6 +478,26 @@ class StaticDecoder:
             slot.step_idx.add_(1)
             if self._takes_cache_position:
                 slot.cache_position.add_(1)
+
+    def _eager_mask(self, slot: _Slot, prompt_len: int) -> torch.Tensor | None:
+        """The eager loop's own 4D decode mask, or None (the model builds it from ``slot.mask``).
+
+        transformers returns a 4D mask as given (``masking_utils``), so an eager step skips
+        ``create_causal_mask`` (a tenth of an eager CPU step for a small model). The mask is
+        ``[B, 1, 1, L]`` bool, True = attend: the prompt's own tokens, then cache column
+        ``prompt_len + i`` opened before decode step ``i`` (the column that step writes), i.e.
+        SDPA's padding-and-causal mask for a one-token query. Used only uncompiled (a compiled
+        step traces transformers' mask into its kernels), with every cache layer full-length
+        (no sliding window) and attention that takes a boolean mask (SDPA or the grouped one).
+        """
+        from slime_ray.engines.hf_attention import GROUPED_ATTENTION
+
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if self.compile or impl not in ("sdpa", GROUPED_ATTENTION) or not plain_static_layers(slot.cache):
+            return None
+        mask = slot.mask.bool()
+        mask[:, prompt_len:] = False
+        return mask[:, None, None, :]
 
     def _weights_signature(self) -> tuple[int, ...]:
         """Addresses of the tensors a captured graph reads besides the slot's own (they move
@@ -626,6 +655,8 @@ class StaticDecoder:
         slot.positions.copy_(row_len)
         slot.done.copy_(done)
         slot.cache_position.fill_(prompt_len)
+        slot.decode_mask = self._eager_mask(slot, prompt_len)
+        slot.next_col = prompt_len
         if cuda:
             ev[1].record()
         t_prefill = time.perf_counter()
