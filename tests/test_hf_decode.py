@@ -287,9 +287,11 @@ def test_fused_projections_match_separate_and_follow_weight_updates(model_dir):
 
     eng = HFEngine(model_dir, decode_loop="static")
     sep = HFEngine(model_dir, decode_loop="static")
-    sep._decoder = StaticDecoder(sep.model, pad_token_id=sep.pad_token_id, fused_projections=False)
+    assert not eng._decoder.fused_projections  # the eager CPU loop's default: separate projections
+    eng._decoder = StaticDecoder(eng.model, pad_token_id=eng.pad_token_id, fused_projections=True)
     layers = eng.model.config.num_hidden_layers
     assert fusable_groups(eng.model) == 2 * layers and eng._decoder.fused_projections
+    assert StaticDecoder(eng.model, pad_token_id=0, compile=True).fused_projections  # compiled: on
     names = list(eng.model.state_dict())
     attn = eng.model.model.layers[0].self_attn
     q_proj = attn.q_proj

@@ -334,6 +334,9 @@ class StaticDecoder:
             attention; others keep theirs).
         fused_projections: run q/k/v and gate/up as one GEMM each during :meth:`generate`
             (:mod:`slime_ray.engines.hf_fused`; costs a copy of those weights in memory).
+            Default: on, except for the eager loop on CPU, where the fused GEMM plus slicing is
+            slower than the separate projections and the copy is refreshed at every call
+            (bench/RESULTS.md, 2026-12-01: 6-8% per decode step on the tiny model and SmolLM2).
         graph_steps: decode steps per captured CUDA graph (``compile`` on CUDA only, not with
             the ``cudagraphs`` backend; 0: one cudagraph-tree replay per step with
             ``compile_mode``). ``check_every`` is then effectively rounded up to a multiple of it.
@@ -362,7 +365,7 @@ class StaticDecoder:
         check_every: int | None = None,
         max_slots: int | None = None,
         grouped_attention: bool = True,
-        fused_projections: bool = True,
+        fused_projections: bool | None = None,
         graph_steps: int = 8,
         share_prefill: bool = True,
     ):
@@ -378,7 +381,7 @@ class StaticDecoder:
         self.max_slots = max(1, int(max_slots if max_slots is not None else (16 if compile else 1)))
         self.compile = bool(compile)
         self.grouped_attention = bool(grouped_attention)
-        self.fused_projections = bool(fused_projections)
+        self.fused_projections = bool(not eager_cpu if fused_projections is None else fused_projections)
         # K decode steps per captured CUDA graph (compiled step, on CUDA); 0: one cudagraph-tree
         # replay per step (torch.compile's mode="reduce-overhead")
         self.graph_steps = max(0, int(graph_steps))
