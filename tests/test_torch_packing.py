@@ -55,7 +55,9 @@ def test_packed_log_probs_and_grads_equal_padded():
     model.zero_grad()
     (lp2 * torch.arange(1, 8)).sum().backward()
     for k, v in model.named_parameters():
-        torch.testing.assert_close(v.grad, g1[k], rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (packed vs padded attention kernels): on some CPUs one
+        # embedding-gradient element of ~0.02 differs by 1.3e-6; a packing bug moves grads by >1e-3
+        torch.testing.assert_close(v.grad, g1[k], rtol=1e-4, atol=1e-5)
 
 
 def test_token_budget_micro_batches():
