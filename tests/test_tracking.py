@@ -184,3 +184,48 @@ def test_background_write_error_is_raised_by_the_next_call(uri, monkeypatch):
     tr.log_metrics({"m": 2.0}, step=1)  # the store works again: later writes land
     tr.finish()
     assert [m.value for m in client(uri).get_metric_history(tr.run_id, "m")] == [2.0]
+
+
+def test_metrics_logged_close_together_go_in_one_write(uri):
+    """Steps logged within write_interval_s reach MLflow in one log_batch (each with its own
+    step and timestamp); flush writes at once instead of waiting out the interval."""
+    import time
+
+    tr = Tracker(tracking_uri=uri, experiment_name="coalesce", params={}, write_interval_s=60.0)
+    batches = []
+    real = tr._client.log_batch
+
+    def counting(run_id, metrics=(), **kw):
+        batches.append(sorted({m.step for m in metrics}))
+        return real(run_id, metrics=metrics, **kw)
+
+    tr._client.log_batch = counting
+    stamps = []
+    for step in range(6):
+        before = int(time.time() * 1000)
+        tr.log_metrics({"train/loss": float(step), "rollout/raw_reward": 0.5}, step=step)
+        stamps.append((before, int(time.time() * 1000)))
+        time.sleep(0.002)
+    t0 = time.monotonic()
+    tr.flush()
+    assert time.monotonic() - t0 < 30.0  # did not sit out the 60 s interval
+    assert batches == [[0, 1, 2, 3, 4, 5]]
+    hist = sorted(client(uri).get_metric_history(tr.run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(s, float(s)) for s in range(6)]
+    assert all(a <= m.timestamp <= b for m, (a, b) in zip(hist, stamps))  # the log_metrics call's time
+    assert len(client(uri).get_metric_history(tr.run_id, "rollout/raw_reward")) == 6
+    tr.log_metrics({"train/loss": 7.0}, step=6)
+    tr.finish()
+    assert batches == [[0, 1, 2, 3, 4, 5], [6]]
+
+
+def test_metrics_reach_the_store_after_the_interval_without_flush(uri):
+    import time
+
+    tr = Tracker(tracking_uri=uri, experiment_name="interval", params={}, write_interval_s=0.2)
+    tr.log_metrics({"train/loss": 1.5}, step=0)
+    deadline = time.monotonic() + 30.0
+    while not client(uri).get_metric_history(tr.run_id, "train/loss") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [m.value for m in client(uri).get_metric_history(tr.run_id, "train/loss")] == [1.5]
+    tr.finish()
