@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> job.JobResult:
     placement = create_placement(args)
     actor, critic = create_training_models(args, placement)         # critic iff ppo
     rollout = RolloutManager(args, data_source, job.start_rollout_app(args, placement))
+    rollout.client.idle_during_sync = True                          # no request is in flight during a sync
     rollout_id = checkpoint.restore(resume, actor, data_source, rollout.client)  # engines get its weights
     recovery = TrainRecovery(args, argv, placement)
     metrics: dict[str, float] = {}

@@ -77,6 +77,7 @@ def test_async_run_interval_2_staleness_and_tis(ray_cluster, workdir):
         h = lambda k: _history(workdir, result.run_id, k)  # noqa: E731
         assert h("rollout/engine_weight_version") == [0.0, 2.0, 2.0, 4.0]  # advances every 2nd step
         assert result.rollout.client.weight_versions() == [4]
+        assert not result.rollout.client.idle_during_sync  # requests are in flight while the async loop syncs
         assert max(h("rollout/staleness_max")) <= 1  # no trained sample older than --max-staleness
         assert sum(h("rollout/stale_dropped_samples")) == 0  # the producer waited instead
         assert all(0.0 < v <= 2.0 for v in h("train/tis"))  # TIS weights against rollout log-probs
@@ -158,7 +159,8 @@ def test_weight_update_is_atomic_and_matches_a_fresh_engine(ray_cluster, workdir
         serve.delete("sync_test")
 
 
-def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir):
+@pytest.mark.parametrize("idle_during_sync", [False, True])
+def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir, idle_during_sync):
     from ray import serve
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +170,7 @@ def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir):
     serve.run(build_rollout_app(str(workdir / "model"), num_engines=2, num_cpus_per_engine=0.5),
               name="rejoin_test", route_prefix="/rejoin_test")
     client = EngineClient.from_app("rejoin_test")
+    client.idle_during_sync = idle_during_sync  # True: the ingress takes the version alongside the engines' load
     try:
         w0 = AutoModelForCausalLM.from_pretrained(workdir / "model").state_dict()
         w1 = AutoModelForCausalLM.from_pretrained(workdir / "model_b").state_dict()

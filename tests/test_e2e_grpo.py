@@ -71,6 +71,7 @@ def test_grpo_two_steps_end_to_end(ray_cluster, workdir):
     diff = max((engine[k].float() - trained[k].float()).abs().max().item() for k in trained)
     assert diff == 0.0
     assert result.rollout.client.weight_versions() == [2]
+    assert result.rollout.client.idle_during_sync  # the synchronous loop: ingress version set alongside the load
 
     client = mlflow.tracking.MlflowClient(uri)
     run = client.get_run(result.run_id)

@@ -56,6 +56,11 @@ class EngineClient:
         self.weight_store: Any = None  # fault.WeightStore: gets every weight push first
         self.num_retries = 0
         self.coalesce = True  # concurrent generate calls go to the ingress in one call (see generate)
+        # The caller guarantees that no generate request (through this client or the ingress's
+        # HTTP routes) is in flight while update_weights runs, as in jobs/grpo.py's synchronous
+        # loop: the ingress then takes the new version in the same round trip as the engines'
+        # load instead of after it (no request can meet an engine that is not there yet).
+        self.idle_during_sync = False
         self._pending: dict[Any, list] = {}  # event loop -> [(request, future)] not sent yet
         self._pending_lock = threading.Lock()  # loops of several threads may share this client
 
@@ -198,8 +203,10 @@ class EngineClient:
         """
         ref = self._as_ref(weights)
         self.publish_weights(ref[0], weight_version)  # first: a replica starting now already gets this version
-        versions = [r.result() for r in self._calls("update_weights", ref, int(weight_version))]
-        self.ingress.set_weight_version.remote(int(weight_version)).result()
+        loads = self._calls("update_weights", ref, int(weight_version))
+        ack = self.ingress.set_weight_version.remote(int(weight_version)) if self.idle_during_sync else None
+        versions = [r.result() for r in loads]
+        (ack or self.ingress.set_weight_version.remote(int(weight_version))).result()
         return versions
 
     def publish_weights(self, weights: Any, weight_version: int) -> None:
