@@ -16,6 +16,9 @@ What each side's step includes:
   backward and AdamW step (no weight sync: one model); step time = gap between
   ``on_step_end`` callbacks (model loading and Trainer set-up excluded).
 
+Each side's run is its own child process, so a TRL run never shares the machine with the Ray
+cluster (raylet, GCS, Serve controller and proxy) that an earlier run of ours started.
+
     .venv/bin/python bench/trl_compare.py --model tiny --steps 6
     .venv/bin/python bench/trl_compare.py --model ~/.cache/slime_ray/models/SmolLM2-135M-Instruct --steps 5
 """
@@ -105,6 +108,22 @@ def run_trl(args, model: str) -> list[float]:
     return stamps
 
 
+def run_child(side: str, model: str) -> list[float]:
+    """Run one side in a fresh Python process (same flags); returns its step-end stamps."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp()) / f"{side}.json"
+    argv = [a for a in sys.argv[1:]]
+    for flag in ("--model", "--json", "--rounds", "--side"):  # replaced below
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i: i + 2]
+    argv = [a for a in argv if not a.startswith(("--model=", "--json=", "--rounds=", "--side="))]
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--model", model, "--child", side,
+                    "--json", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="'tiny' (slime_ray.testing.make_tiny_model_dir) or an HF folder")
@@ -122,7 +141,12 @@ def main() -> None:
     p.add_argument("--ours-extra", default="", help="extra jobs/grpo.py flags for our side, e.g. "
                    "'--rollout-compile true --rollout-batch-buckets 16'")
     p.add_argument("--json", default=None)
+    p.add_argument("--child", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:  # one side's run, in this (child) process: write its step-end stamps
+        stamps = {"ours": run_ours, "trl": run_trl}[args.child](args, args.model)
+        Path(args.json).write_text(json.dumps(stamps))
+        return
     model = args.model
     if model == "tiny":
         from slime_ray.testing import make_tiny_model_dir
@@ -137,7 +161,7 @@ def main() -> None:
         one: dict = {}
         for side, fn in (sides if r % 2 == 0 else sides[::-1]):
             if args.side in (side, "both"):
-                stamps = fn(args, model)
+                stamps = run_child(side, model)
                 one[f"{side}_step_s"] = steady(stamps, args.warmup)
                 one[f"{side}_gaps_s"] = [round(b - a, 2) for a, b in zip(stamps, stamps[1:])]
                 print(f"round {r}: {side}: steady step {one[f'{side}_step_s']:.2f}s  gaps {one[f'{side}_gaps_s']}",
