@@ -291,6 +291,18 @@ class SGLangServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exited_within(self, timeout_s: float) -> bool:
+        """Whether the process has exited, waiting up to ``timeout_s`` seconds. Unlike
+        :meth:`alive` it cannot miss an exit: ``Popen.poll()`` returns None while another thread
+        (a concurrent health check) holds Popen's waitpid lock, ``wait()`` blocks for it."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of the server log."""
         try:
@@ -723,7 +735,7 @@ class SGLangEngine(RolloutEngine):
         if self.process is not None and not self.process.alive():
             return {**info, "ok": False, "reason": self.process.exit_reason()}
         if not self.client.health_generate():
-            if self.process is not None and not self.process.alive():  # it died while we asked
+            if self.process is not None and self.process.exited_within(0.5):  # it died (or died while we asked)
                 return {**info, "ok": False, "reason": self.process.exit_reason()}
             return {**info, "ok": False, "reason": f"{self.client.base_url}/health_generate did not answer 200"}
         return {**info, "ok": True}
