@@ -113,14 +113,9 @@ def run_child(side: str, model: str) -> list[float]:
     import subprocess
 
     out = Path(tempfile.mkdtemp()) / f"{side}.json"
-    argv = [a for a in sys.argv[1:]]
-    for flag in ("--model", "--json", "--rounds", "--side"):  # replaced below
-        while flag in argv:
-            i = argv.index(flag)
-            del argv[i: i + 2]
-    argv = [a for a in argv if not a.startswith(("--model=", "--json=", "--rounds=", "--side="))]
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--model", model, "--child", side,
-                    "--json", str(out)], check=True)
+    # argparse keeps the last of a repeated flag: the child's --model / --json override the parent's
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--model", model,
+                    "--child", side, "--json", str(out)], check=True)
     return json.loads(out.read_text())
 
 

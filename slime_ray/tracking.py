@@ -408,7 +408,7 @@ def _writer_loop(q: Any, tracker_ref: Any) -> None:
         except queue.Empty:
             write_pending()
             continue
-        if job is not None and job != _FLUSH and getattr(job[0], "__name__", "") == "_write_metrics":
+        if job is not None and job != _FLUSH and getattr(job[0], "__func__", None) is Tracker._write_metrics:
             tracker = tracker_ref()
             if not pending:
                 deadline = time.monotonic() + (tracker.write_interval_s if tracker is not None else 0.0)

@@ -148,7 +148,7 @@ def test_dead_sglang_server_replica_is_replaced_with_current_weights(tmp_path):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if DOUBLE_CMD[1] in (proc.info["cmdline"] or []):
                     proc.kill()
-        if new_pid is not None:  # the replacement's server should stop with its replica
+        else:  # the replacement's server should stop with its replica
             deadline = time.monotonic() + 15
             while _alive(new_pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
