@@ -13,7 +13,10 @@
   ``/v1/completions``, ``/v1/chat/completions`` (:mod:`serve_apps.openai_routes`).
 
 Weight sync does not go through the ingress: the trainer addresses every engine deployment
-(see :class:`slime_ray.rollout.engine_client.EngineClient`).
+(see :class:`slime_ray.rollout.engine_client.EngineClient`). In a job, each engine runs in an
+``EngineHost`` actor on the job's placement group, owned by its replica
+(:mod:`slime_ray.engines.remote`); the ingress's batches and the client's weight syncs then go
+to that actor directly (``EngineDeployment.engine_actor``), one Serve hop less per call.
 
 Run alone::
 
@@ -39,10 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.openai_routes import OpenAIRoutes, fastapi_app
 from slime_ray.rollout.batcher import GapBatcher
 from slime_ray.rollout.router import EngineRouter
-from slime_ray.engines.base import check_sampling_params
-
-class StaleWeightsError(RuntimeError):
-    """An engine was asked to serve while it holds older weights than the current version."""
+from slime_ray.engines.base import StaleWeightsError, check_sampling_params
 
 
 # Engines by name; a "pkg.module:Class" path also works.
@@ -137,6 +137,37 @@ class EngineDeployment:
         """
         return await self.batcher.submit(request, burst=burst)
 
+    async def _check_version(self, min_weight_version: int) -> None:
+        """Raise :class:`StaleWeightsError` unless the engine holds ``min_weight_version``.
+
+        An engine in an actor may have been updated without this replica (the trainer's sync
+        goes to the actor directly, see :meth:`engine_actor`): its version is read again
+        before the request is refused.
+        """
+        from slime_ray.engines.remote import RemoteEngine
+
+        if self.engine.weight_version < min_weight_version and isinstance(self.engine, RemoteEngine):
+            await self.engine.refresh_weight_version_async()
+        if self.engine.weight_version < min_weight_version:
+            raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
+                                    f"{self.engine.weight_version} < current {min_weight_version}")
+
+    def engine_actor(self) -> tuple[Any, int] | None:
+        """``(EngineHost actor handle, max_batch_size)`` when the engine runs in an actor on
+        the job's placement group, else None (the engine lives in this replica).
+
+        The ingress sends its batches (:meth:`EngineHost.generate_at_least`) and the engine
+        client its weight syncs (:meth:`EngineHost.update_weights_paused`) to that actor
+        directly: one Serve hop less per call. This replica still owns the actor (it dies with
+        the replica; Serve's health check and restart work as before) and serves single
+        requests (HTTP routes) through its batcher.
+        """
+        from slime_ray.engines.remote import RemoteEngine
+
+        if isinstance(self.engine, RemoteEngine):
+            return self.engine.actor, self.batcher.max_batch_size
+        return None
+
     async def generate_at_least(self, request: dict[str, Any], min_weight_version: int,
                                 burst: tuple[str, int] | None = None) -> dict[str, Any]:
         """:meth:`generate`, refused unless this engine holds version >= ``min_weight_version``.
@@ -145,9 +176,7 @@ class EngineDeployment:
             StaleWeightsError: the engine (e.g. a replica that just restarted) is behind; the
                 ingress then routes the request elsewhere.
         """
-        if self.engine.weight_version < min_weight_version:
-            raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
-                                    f"{self.engine.weight_version} < current {min_weight_version}")
+        await self._check_version(min_weight_version)
         return await self.generate(request, burst)
 
     async def generate_many_at_least(self, requests: list[dict[str, Any]], min_weight_version: int) -> list[dict]:
@@ -156,9 +185,7 @@ class EngineDeployment:
         Raises:
             StaleWeightsError: as :meth:`generate_at_least` (none of them is run).
         """
-        if self.engine.weight_version < min_weight_version:
-            raise StaleWeightsError(f"engine_{self.engine_index} holds weight version "
-                                    f"{self.engine.weight_version} < current {min_weight_version}")
+        await self._check_version(min_weight_version)
         import uuid
 
         burst = (uuid.uuid4().hex, len(requests))
@@ -203,7 +230,11 @@ class EngineDeployment:
             return out
         return await asyncio.to_thread(dispatch, self.engine, method, *args)
 
-    def get_weight_version(self) -> int:
+    async def get_weight_version(self) -> int:
+        from slime_ray.engines.remote import RemoteEngine
+
+        if isinstance(self.engine, RemoteEngine):  # the actor may have been synced directly
+            await self.engine.refresh_weight_version_async()
         return self.engine.weight_version
 
     async def get_weights(self) -> dict[str, Any]:
@@ -257,6 +288,7 @@ class RolloutIngress(OpenAIRoutes):
         self.engines = list(engines)
         self.weight_version = 0  # engines below this version get no traffic (set after each sync)
         self.router = EngineRouter(len(self.engines), max_concurrency=max_concurrency)
+        self._engine_actors: dict[int, tuple[Any, int] | None] = {}  # see _generate_many
         self.model_path = model_path
         self.model_name = model_name or os.path.basename(os.path.normpath(model_path or "policy"))
         self._tokenizer = None
@@ -344,8 +376,7 @@ class RolloutIngress(OpenAIRoutes):
             async with self.router.slots_if_free(i, len(valid)) as held:
                 if held:
                     try:
-                        out = await self.engines[i].generate_many_at_least.remote(
-                            [r for _, r in valid], self.weight_version)
+                        out = await self._generate_many(i, [r for _, r in valid])
                         for (j, _), resp in zip(valid, out):
                             results[j] = with_meta_info(resp, i)
                         return
@@ -364,6 +395,27 @@ class RolloutIngress(OpenAIRoutes):
             by_engine.setdefault(i, []).append(j)
         await asyncio.gather(*(share(i, idxs) for i, idxs in by_engine.items()))
         return results
+
+    async def _generate_many(self, i: int, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Engine ``i`` runs ``requests`` as one batch, refused if it is behind ``weight_version``.
+
+        An engine in an actor is called directly (:meth:`EngineDeployment.engine_actor`, asked
+        once per replica); an engine inside its replica through the replica.
+
+        Raises:
+            StaleWeightsError, RayActorError, DeploymentUnavailableError: as the replica path.
+        """
+        if i not in self._engine_actors:
+            self._engine_actors[i] = await self.engines[i].engine_actor.remote()
+        target = self._engine_actors[i]
+        if target is None:
+            return await self.engines[i].generate_many_at_least.remote(requests, self.weight_version)
+        actor, max_batch_size = target
+        try:
+            return await actor.generate_at_least.remote(requests, self.weight_version, max_batch_size)
+        except ray.exceptions.RayActorError:
+            self._engine_actors.pop(i, None)  # its replica restarts with a new actor: ask again
+            raise
 
     @staticmethod
     def _engine_request(request: dict[str, Any]) -> dict[str, Any]:

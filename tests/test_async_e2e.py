@@ -159,19 +159,31 @@ def test_weight_update_is_atomic_and_matches_a_fresh_engine(ray_cluster, workdir
         serve.delete("sync_test")
 
 
-@pytest.mark.parametrize("idle_during_sync", [False, True])
-def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir, idle_during_sync):
+@pytest.mark.parametrize("idle_during_sync,in_actors", [(False, False), (True, False), (True, True)])
+def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir, idle_during_sync, in_actors):
+    """in_actors: each engine runs in an actor on a placement-group bundle (as in a job); the
+    ingress's batches and the client's syncs then go to the actors directly, not the replicas."""
+    import ray
     from ray import serve
     from transformers import AutoModelForCausalLM
 
     from serve_apps.rollout_app import build_rollout_app
     from slime_ray.rollout.engine_client import EngineClient
 
-    serve.run(build_rollout_app(str(workdir / "model"), num_engines=2, num_cpus_per_engine=0.5),
+    pg = placements = None
+    if in_actors:
+        pg = ray.util.placement_group([{"CPU": 0.5}, {"CPU": 0.5}], name="rejoin_test_pg")
+        ray.get(pg.ready())
+        placements = [{"pg": pg, "pg_name": "rejoin_test_pg", "bundle_index": i, "options": {"num_cpus": 0.5}}
+                      for i in range(2)]
+    serve.run(build_rollout_app(str(workdir / "model"), num_engines=2, num_cpus_per_engine=0.5,
+                                engine_placements=placements),
               name="rejoin_test", route_prefix="/rejoin_test")
     client = EngineClient.from_app("rejoin_test")
     client.idle_during_sync = idle_during_sync  # True: the ingress takes the version alongside the engines' load
     try:
+        actors = client.engine_actors()
+        assert all((a is not None) == in_actors for a in actors)
         w0 = AutoModelForCausalLM.from_pretrained(workdir / "model").state_dict()
         w1 = AutoModelForCausalLM.from_pretrained(workdir / "model_b").state_dict()
         client.update_weights(w1, 1)
@@ -185,8 +197,16 @@ def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir, idle_
         out = asyncio.run(burst())
         assert all(r["weight_version"] == 1 and r["meta_info"]["engine_index"] == 0 for r in out)
         client.update_weights(w1, 2)  # the next sync brings it back
+        if in_actors:  # the sync went to the actors; each replica reads the version again when asked
+            assert ray.get([a.weight_version.remote() for a in actors]) == [2, 2]
+        assert client.weight_versions() == [2, 2]
         out = asyncio.run(burst())
         assert {r["weight_version"] for r in out} == {2}
         assert {r["meta_info"]["engine_index"] for r in out} == {0, 1}
+        # a single request goes through a replica, whose cached version predates the direct sync
+        one = client.ingress.generate.remote(dict(req)).result()
+        assert one["weight_version"] == 2
     finally:
         serve.delete("rejoin_test")
+        if pg is not None:
+            ray.util.remove_placement_group(pg)

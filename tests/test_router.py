@@ -174,3 +174,63 @@ def test_slots_if_free_takes_all_or_none():
             assert held is True
 
     asyncio.run(main())
+
+
+def test_merging_runner_merges_lists_that_wait_and_splits_long_ones():
+    """Lists submitted while a call runs go into the next call, oldest first, up to
+    max_batch_size; a list longer than that is split; each caller gets its own results."""
+    import threading
+    import time
+
+    from slime_ray.rollout.batcher import MergingRunner
+
+    calls: list[list[int]] = []
+    release = threading.Event()
+
+    def fn(batch):
+        calls.append(list(batch))
+        if len(calls) == 1:
+            release.wait(5)  # hold the first call until the others have queued
+        return [x * 10 for x in batch]
+
+    runner = MergingRunner(fn)
+    results: dict[str, list[int]] = {}
+
+    def call(name, items, size=6):
+        results[name] = runner.run(items, size)
+
+    first = threading.Thread(target=call, args=("a", [1, 2]))
+    first.start()
+    while not calls:
+        time.sleep(0.001)
+    waiting = [threading.Thread(target=call, args=(n, items)) for n, items in
+               (("b", [3, 4, 5]), ("c", [6, 7]), ("d", [8, 9]))]
+    for t in waiting:
+        t.start()
+        time.sleep(0.05)  # b, c, d queue in this order
+    release.set()
+    for t in [first, *waiting]:
+        t.join(5)
+    # b (3) + c (2) fit in 6; d (2) would make 7, so it runs next
+    assert calls == [[1, 2], [3, 4, 5, 6, 7], [8, 9]]
+    assert results == {"a": [10, 20], "b": [30, 40, 50], "c": [60, 70], "d": [80, 90]}
+
+    calls.clear()
+    assert runner.run(list(range(5)), 2) == [0, 10, 20, 30, 40]
+    assert calls == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        runner.run([1], 0)
+
+
+def test_merging_runner_hands_an_error_to_every_caller_of_that_call():
+    from slime_ray.rollout.batcher import MergingRunner
+
+    def fn(batch):
+        if 13 in batch:
+            raise KeyError("bad request 13")
+        return batch
+
+    runner = MergingRunner(fn)
+    with pytest.raises(KeyError, match="bad request 13"):
+        runner.run([12, 13])
+    assert runner.run([14]) == [14]  # the runner keeps working after a failed call

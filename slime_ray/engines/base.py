@@ -71,6 +71,10 @@ def check_sampling_params(params: dict[str, Any]) -> None:
         raise ValueError(f"sampling_params.max_new_tokens must be >= 1, got {n}")
 
 
+class StaleWeightsError(RuntimeError):
+    """An engine was asked to serve while it holds older weights than the current version."""
+
+
 class RolloutEngine(abc.ABC):
     """An inference engine: batched generation with log-probs, weight updates, versions.
 

@@ -29,8 +29,29 @@ class EngineHost:
 
     def __init__(self, engine: str, model_path: str, kwargs: dict[str, Any]):
         from serve_apps.rollout_app import build_engine
+        from slime_ray.rollout.batcher import MergingRunner
 
         self.engine = build_engine(engine, model_path, **kwargs)
+        self._runner = MergingRunner(self.engine.generate)
+
+    def generate_at_least(self, requests: list[dict[str, Any]], min_weight_version: int,
+                          max_batch_size: int = 64) -> list[dict[str, Any]]:
+        """``engine.generate(requests)``, refused unless the engine holds ``min_weight_version``.
+
+        The ingress calls this directly for requests sent together (one hop less than through
+        the Serve replica). Lists that arrive while a batch runs are merged into the next
+        ``engine.generate`` call (at most ``max_batch_size`` requests each).
+
+        Raises:
+            StaleWeightsError: the engine holds an older version (versions only grow, so
+                checking once on arrival suffices).
+        """
+        from slime_ray.engines.base import StaleWeightsError
+
+        if self.engine.weight_version < min_weight_version:
+            raise StaleWeightsError(f"engine holds weight version {self.engine.weight_version} "
+                                    f"< current {min_weight_version}")
+        return self._runner.run(list(requests), max_batch_size)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.engine, method)(*args)
@@ -106,6 +127,11 @@ class RemoteEngine(RolloutEngine):
         an ObjectRef to one, resolved by the host)."""
         version = await self.actor.update_weights_paused.remote(weights, int(weight_version))
         self.weight_version = int(version)
+        return self.weight_version
+
+    async def refresh_weight_version_async(self) -> int:
+        """Read the actor's version again (it may have been synced directly, not through this proxy)."""
+        self.weight_version = int(await self.actor.weight_version.remote())
         return self.weight_version
 
     def get_weights(self) -> dict[str, torch.Tensor]:

@@ -112,3 +112,68 @@ class GapBatcher:
             for (_, fut), result in zip(batch, results):
                 if not fut.done():
                     fut.set_result(result)
+
+
+class MergingRunner:
+    """``runner.run(items)`` -> ``fn(batch)`` results for ``items``, from caller threads.
+
+    For a threaded Ray actor whose batched function runs one call at a time: lists submitted
+    while a call runs are merged into the next call (at most ``max_batch_size`` items, a list
+    longer than that is split), so concurrent callers share engine batches without waiting for
+    a gap (:class:`GapBatcher` is the asyncio counterpart with gap waiting, for single requests).
+    Each caller runs queued work itself when it gets the turn, oldest first, and returns as soon
+    as its own items are done. An exception raised by ``fn`` goes to every caller of that call.
+    """
+
+    class _Piece:
+        __slots__ = ("items", "results", "error", "done")
+
+        def __init__(self, items: list[Any]):
+            self.items, self.results, self.error, self.done = items, None, None, False
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]]):
+        import threading
+        from collections import deque
+
+        self.fn = fn
+        self._queue: deque = deque()
+        self._queue_lock = threading.Lock()
+        self._turn = threading.Lock()  # one fn call at a time
+
+    def run(self, items: list[Any], max_batch_size: int = 64) -> list[Any]:
+        """Results of ``fn`` for ``items``, in order.
+
+        Raises:
+            ValueError: ``max_batch_size`` < 1.
+            whatever ``fn`` raised for a call that held some of ``items``.
+        """
+        if max_batch_size < 1:
+            raise ValueError(f"MergingRunner: max_batch_size must be >= 1, got {max_batch_size}")
+        pieces = [self._Piece(items[k:k + max_batch_size]) for k in range(0, len(items), max_batch_size)]
+        with self._queue_lock:
+            self._queue.extend(pieces)
+        while not all(p.done for p in pieces):
+            with self._turn:  # a call holding my pieces has finished once I get the turn
+                with self._queue_lock:
+                    batch, n = [], 0
+                    while self._queue and (not batch or n + len(self._queue[0].items) <= max_batch_size):
+                        piece = self._queue.popleft()
+                        batch.append(piece)
+                        n += len(piece.items)
+                if not batch:
+                    continue
+                try:
+                    out = list(self.fn([item for p in batch for item in p.items]))
+                    k = 0
+                    for p in batch:
+                        p.results, k = out[k:k + len(p.items)], k + len(p.items)
+                except BaseException as err:  # noqa: BLE001 - handed to every caller of the call
+                    for p in batch:
+                        p.error = err
+                finally:
+                    for p in batch:
+                        p.done = True
+        for p in pieces:
+            if p.error is not None:
+                raise p.error
+        return [r for p in pieces for r in p.results]

@@ -59,10 +59,14 @@ class EngineClient:
         # The caller guarantees that no generate request (through this client or the ingress's
         # HTTP routes) is in flight while update_weights runs, as in jobs/grpo.py's synchronous
         # loop: the ingress then takes the new version in the same round trip as the engines'
-        # load instead of after it (no request can meet an engine that is not there yet).
+        # load instead of after it (no request can meet an engine that is not there yet), and
+        # update_weights returns without waiting for the ingress's answer: this client's next
+        # request waits for it instead (confirm_version).
         self.idle_during_sync = False
         self._pending: dict[Any, list] = {}  # event loop -> [(request, future)] not sent yet
         self._pending_lock = threading.Lock()  # loops of several threads may share this client
+        self._engine_actors: dict[int, Any] = {}  # engine index -> its actor, or None (see engine_actors)
+        self._version_ack: Any = None  # see confirm_version
 
     @classmethod
     def from_app(cls, app_name: str = "rollout", num_engines: int | None = None) -> "EngineClient":
@@ -148,6 +152,7 @@ class EngineClient:
     async def _generate_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
         """One ``generate_batch`` call; each failed request is retried alone as :meth:`_generate_one`
         retries (replica failures within ``retry_s``), other errors are returned as they are."""
+        await self.confirm_version()
         deadline = time.monotonic() + self.retry_s
         while True:
             try:
@@ -169,6 +174,7 @@ class EngineClient:
 
     async def _generate_one(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request, one ingress call (with the replica-failure retries of :meth:`generate`)."""
+        await self.confirm_version()
         deadline = time.monotonic() + self.retry_s
         while True:
             try:
@@ -191,8 +197,53 @@ class EngineClient:
             weights = ray.put({k: v.detach().cpu() for k, v in weights.items()})
         return [weights]
 
+    def engine_actors(self) -> list[Any]:
+        """Per engine, the Ray actor that hosts it (``EngineDeployment.engine_actor``), or None
+        where the engine lives inside its Serve replica. Asked once per engine, and again after
+        its actor died (its replica restarts with a new one)."""
+        for i, h in enumerate(self.engines):
+            if i not in self._engine_actors:
+                try:
+                    target = h.engine_actor.remote().result()
+                except Exception:  # noqa: BLE001 - no engine_actor (another deployment class), or down now
+                    target = None
+                self._engine_actors[i] = target[0] if target else None
+        return [self._engine_actors[i] for i in range(len(self.engines))]
+
+    async def engine_actors_async(self) -> list[Any]:
+        """:meth:`engine_actors` for callers inside an event loop."""
+        for i, h in enumerate(self.engines):
+            if i not in self._engine_actors:
+                try:
+                    target = await h.engine_actor.remote()
+                except Exception:  # noqa: BLE001 - as in engine_actors
+                    target = None
+                self._engine_actors[i] = target[0] if target else None
+        return [self._engine_actors[i] for i in range(len(self.engines))]
+
+    def _load_calls(self, actors: list[Any], ref: list, weight_version: int) -> list:
+        """Start every engine's load: ``EngineHost.update_weights_paused`` on its actor (one Ray
+        call; the ref, passed at top level, is resolved there from the object store), else
+        ``EngineDeployment.update_weights`` through its replica."""
+        return [a.update_weights_paused.remote(ref[0], int(weight_version)) if a is not None
+                else h.update_weights.remote(ref, int(weight_version)) for a, h in zip(actors, self.engines)]
+
+    def _through_replica_if_dead(self, i: int, err: BaseException, ref: list, weight_version: int) -> Any:
+        """Engine ``i``'s actor failed a direct load: forget it and load through the replica
+        (which, restarted, owns a new actor). Other errors are raised as they are."""
+        if not isinstance(err, ray.exceptions.RayActorError) or self._engine_actors.get(i) is None:
+            raise err
+        logger.warning("engine_%d: its actor is gone (%s); loading through the replica", i, type(err).__name__)
+        del self._engine_actors[i]  # asked again at the next sync
+        return self.engines[i].update_weights.remote(ref, int(weight_version))
+
     def update_weights(self, weights: Any, weight_version: int) -> list[int]:
         """Send ``weights`` to every engine and wait for all; returns their new versions.
+
+        Each engine hosted in an actor (the job's placement group) gets one direct Ray call;
+        others go through their Serve replica. The ingress learns the version afterwards, or,
+        with ``idle_during_sync``, at the same time (its answer is then awaited by
+        :meth:`confirm_version`, before the next request).
 
         Args:
             weights: ``ray.put(dict[str, Tensor])`` (CPU tensors, HF names) or the dict itself.
@@ -203,11 +254,28 @@ class EngineClient:
         """
         ref = self._as_ref(weights)
         self.publish_weights(ref[0], weight_version)  # first: a replica starting now already gets this version
-        loads = self._calls("update_weights", ref, int(weight_version))
+        loads = self._load_calls(self.engine_actors(), ref, weight_version)
         ack = self.ingress.set_weight_version.remote(int(weight_version)) if self.idle_during_sync else None
-        versions = [r.result() for r in loads]
-        (ack or self.ingress.set_weight_version.remote(int(weight_version))).result()
+        versions = []
+        for i, call in enumerate(loads):
+            try:
+                versions.append(ray.get(call) if isinstance(call, ray.ObjectRef) else call.result())
+            except Exception as err:  # noqa: BLE001 - filtered in _through_replica_if_dead
+                versions.append(self._through_replica_if_dead(i, err, ref, weight_version).result())
+        if ack is not None:
+            self._version_ack = ack  # confirmed before this client's next request is sent
+        else:
+            self.ingress.set_weight_version.remote(int(weight_version)).result()
         return versions
+
+    async def confirm_version(self) -> None:
+        """Wait for the ingress's answer to the last ``set_weight_version`` that
+        :meth:`update_weights` sent without waiting (``idle_during_sync``); raises its error.
+        Called before this client sends a request, and by the rollout manager before a rollout
+        starts (so requests that its generate functions send over HTTP also meet the new version)."""
+        ack, self._version_ack = self._version_ack, None
+        if ack is not None:
+            await ack
 
     def publish_weights(self, weights: Any, weight_version: int) -> None:
         """Hand ``weights`` to the weight store (fault tolerance) without pushing them to the engines."""
@@ -219,7 +287,13 @@ class EngineClient:
         ref = self._as_ref(weights)
         if self.weight_store is not None:
             await self.weight_store.publish.remote(ref, int(weight_version))
-        versions = list(await asyncio.gather(*self._calls("update_weights", ref, int(weight_version))))
+        actors = await self.engine_actors_async()
+        outs = await asyncio.gather(*self._load_calls(actors, ref, weight_version), return_exceptions=True)
+        versions = []
+        for i, out in enumerate(outs):
+            if isinstance(out, BaseException):
+                out = await self._through_replica_if_dead(i, out, ref, weight_version)
+            versions.append(out)
         await self.ingress.set_weight_version.remote(int(weight_version))
         return versions
 

@@ -109,6 +109,9 @@ class RolloutManager:
             loop's kept / dropped / aborted / resumed counters).
         """
         t0 = time.perf_counter()
+        confirm = getattr(self.client, "confirm_version", None)
+        if confirm is not None:  # the ingress holds the version of the last sync (see EngineClient)
+            await confirm()
         groups, stats = await self.loop.generate(rollout_id, sampling_params_from_args(self.args))
         flat = [s for g in groups for s in g]
         elapsed = time.perf_counter() - t0
