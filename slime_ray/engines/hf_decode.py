@@ -305,7 +305,8 @@ def _with_decode_model(fn):
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
-            with use_grouped_attention(self.model, self.grouped_attention), \
+            with torch.inference_mode(self.inference_mode), \
+                    use_grouped_attention(self.model, self.grouped_attention), \
                     use_fused_projections(self.model, self.fused_projections):
                 return fn(self, *args, **kwargs)
         finally:
@@ -382,6 +383,11 @@ class StaticDecoder:
         self.compile = bool(compile)
         self.grouped_attention = bool(grouped_attention)
         self.fused_projections = bool(not eager_cpu if fused_projections is None else fused_projections)
+        # The eager CPU loop is bound by per-op dispatch; inference mode skips autograd's
+        # version counters and view tracking there (tiny model: 0.88x the time of no_grad,
+        # bench/RESULTS.md 2026-12-01). Its caches are then inference tensors, only ever touched
+        # inside generate. Compiled / CUDA-graph paths keep no_grad (what they were captured under).
+        self.inference_mode = eager_cpu
         # K decode steps per captured CUDA graph (compiled step, on CUDA); 0: one cudagraph-tree
         # replay per step (torch.compile's mode="reduce-overhead")
         self.graph_steps = max(0, int(graph_steps))
