@@ -167,3 +167,28 @@ def test_functional_dropout_in_the_config_keeps_the_old_log_prob_forward(model_d
     assert tr._old_is_current(1)
     tr.model.config.dropout = 0.1
     assert not tr._old_is_current(1)
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_loop():
+    """The trainers' AdamW uses torch's fused kernel on CPU (as TRL's default optim does); its
+    step equals the per-parameter loop's to float rounding."""
+    import torch
+
+    from slime_ray.train.backends import adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    fused = adamw(a, lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+    loop = torch.optim.AdamW(b, lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        loop.step()
+    for p, q, p0 in zip(a, b, start):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-6)
+        assert (p - p0).abs().min() > 1e-3  # three steps of lr 1e-2 moved every element

@@ -300,7 +300,9 @@ class MegatronTrainer(TorchTrainer):
             load_hf_weights(self.ref_model, LazyHFState(a.ref_load or a.hf_checkpoint), self.spec,
                             self.tp_rank, self.tp)
             self.ref_model.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
+        from slime_ray.train.backends import adamw
+
+        self.optimizer = adamw(
             self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
             eps=a.adam_eps, weight_decay=a.weight_decay)
 

@@ -93,9 +93,10 @@ class TorchTrainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
-        return torch.optim.AdamW(self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
-                                 eps=a.adam_eps, weight_decay=a.weight_decay,
-                                 fused=self.device.type == "cuda" or None)
+        from slime_ray.train.backends import adamw
+
+        return adamw(self.model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2),
+                     eps=a.adam_eps, weight_decay=a.weight_decay)
 
     # ------------------------------------------------------------------ distributed
     def init_distributed(self, master_addr: str, master_port: int, backend: str | None = None) -> None:

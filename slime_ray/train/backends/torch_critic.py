@@ -106,7 +106,9 @@ class TorchCritic:
         torch.manual_seed(args.seed)  # same head init on every rank
         self.model = ValueModel(args.hf_checkpoint)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
+        from slime_ray.train.backends import adamw
+
+        self.optimizer = adamw(
             self.model.parameters(), lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps, weight_decay=args.weight_decay,
         )
