@@ -86,6 +86,17 @@ def worker_hook() -> None:
         with open(path, "a") as f:
             f.write(json.dumps([name, t0, t1]) + "\n")
 
+    import gc
+
+    gc_t0 = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0["t"] = time.time()
+        elif "t" in gc_t0:
+            record(f"w.gc{info['generation']}", gc_t0.pop("t"), time.time())
+
+    gc.callbacks.append(on_gc)
     for mod, cls, meth, name in WORKER_SPANS:
         try:
             c = getattr(importlib.import_module(mod), cls)
@@ -243,7 +254,7 @@ def main() -> None:
     for k in order + sorted(set(SPANS) - set(order)):
         v = SPANS.get(k, [])[n:]
         if v:
-            orig_print(f"  {k:22s} {statistics.median(v):7.3f}   ({' '.join(f'{x:.3f}' for x in v)})")
+            orig_print(f"  {k:22s} {statistics.median(v):7.3f} mean {statistics.mean(v):6.3f}  ({' '.join(f'{x:.3f}' for x in v)})")
     orig_print(f"  main() total {t_main:.1f}s for {a.steps} steps")
 
 
