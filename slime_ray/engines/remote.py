@@ -43,8 +43,8 @@ class EngineHost:
         ``engine.generate`` call (at most ``max_batch_size`` requests each).
 
         Raises:
-            StaleWeightsError: the engine holds an older version (versions only grow, so
-                checking once on arrival suffices).
+            StaleWeightsError: the engine holds an older version on arrival (checked once, as
+                the replica's ``generate_many_at_least`` does).
         """
         from slime_ray.engines.base import StaleWeightsError
 
