@@ -210,3 +210,31 @@ def test_stale_replica_gets_no_traffic_until_current(ray_cluster, workdir, idle_
         serve.delete("rejoin_test")
         if pg is not None:
             ray.util.remove_placement_group(pg)
+
+
+def test_engine_actor_control_calls_get_through_while_generate_calls_wait(ray_cluster, workdir):
+    """More direct generate calls than the actor's 16 control threads wait on a paused engine;
+    resume (a control call) still gets a thread, and every call then completes."""
+    import time
+
+    import ray
+
+    from slime_ray.engines.remote import RemoteEngine
+
+    pg = ray.util.placement_group([{"CPU": 0.5}], name="control_test_pg")
+    ray.get(pg.ready())
+    engine = RemoteEngine("hf", str(workdir / "model"), {"seed": 0},
+                          {"pg": pg, "pg_name": "control_test_pg", "bundle_index": 0, "options": {"num_cpus": 0.5}})
+    try:
+        engine.pause()
+        req = {"input_ids": [1, 5, 6], "sampling_params": {"max_new_tokens": 2}}
+        refs = [engine.actor.generate_at_least.remote([dict(req), dict(req)], 0, 64) for _ in range(20)]
+        time.sleep(1.0)
+        assert ray.wait(refs, num_returns=len(refs), timeout=0.1)[0] == []  # all held by the pause
+        ray.get(engine.actor.call.remote("resume"), timeout=30)
+        out = ray.get(refs, timeout=120)
+        assert [len(o) for o in out] == [2] * 20
+        assert all(r["weight_version"] == 0 and len(r["output_ids"]) >= 1 for o in out for r in o)
+    finally:
+        ray.kill(engine.actor)
+        ray.util.remove_placement_group(pg)

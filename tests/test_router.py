@@ -234,3 +234,42 @@ def test_merging_runner_hands_an_error_to_every_caller_of_that_call():
     with pytest.raises(KeyError, match="bad request 13"):
         runner.run([12, 13])
     assert runner.run([14]) == [14]  # the runner keeps working after a failed call
+
+
+def test_merging_runner_caller_whose_items_ran_returns_without_running_later_work():
+    """A runs; B and C queue; B's call takes both; D queues during it. C then returns at
+    once: D's list runs in D's own thread, never in C's."""
+    import threading
+    import time
+
+    from slime_ray.rollout.batcher import MergingRunner
+
+    calls: list[tuple[list[int], str]] = []
+    gates = [threading.Event(), threading.Event()]
+
+    def fn(batch):
+        calls.append((list(batch), threading.current_thread().name))
+        if len(calls) <= 2:
+            gates[len(calls) - 1].wait(5)
+        return batch
+
+    runner = MergingRunner(fn)
+    threads = {n: threading.Thread(target=runner.run, args=(items, 8), name=n)
+               for n, items in (("A", [1]), ("B", [2]), ("C", [3]), ("D", [4]))}
+    threads["A"].start()
+    while not calls:
+        time.sleep(0.001)
+    threads["B"].start()
+    time.sleep(0.05)
+    threads["C"].start()
+    time.sleep(0.05)
+    gates[0].set()  # A's call ends; B or C takes the turn and runs [2, 3]
+    while len(calls) < 2:
+        time.sleep(0.001)
+    threads["D"].start()
+    time.sleep(0.05)
+    gates[1].set()
+    for t in threads.values():
+        t.join(5)
+    assert [c[0] for c in calls] == [[1], [2, 3], [4]]
+    assert calls[2][1] == "D"

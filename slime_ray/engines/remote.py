@@ -34,13 +34,16 @@ class EngineHost:
         self.engine = build_engine(engine, model_path, **kwargs)
         self._runner = MergingRunner(self.engine.generate)
 
+    @ray.method(concurrency_group="generate")
     def generate_at_least(self, requests: list[dict[str, Any]], min_weight_version: int,
                           max_batch_size: int = 64) -> list[dict[str, Any]]:
         """``engine.generate(requests)``, refused unless the engine holds ``min_weight_version``.
 
         The ingress calls this directly for requests sent together (one hop less than through
         the Serve replica). Lists that arrive while a batch runs are merged into the next
-        ``engine.generate`` call (at most ``max_batch_size`` requests each).
+        ``engine.generate`` call (at most ``max_batch_size`` requests each). These calls have
+        their own thread pool (concurrency group ``generate``): callers waiting for their turn
+        never take the threads of control calls (pause, resume, abort, health, weight loads).
 
         Raises:
             StaleWeightsError: the engine holds an older version on arrival (checked once, as
@@ -104,7 +107,8 @@ class RemoteEngine(RolloutEngine):
         opts = dict(placement.get("options") or {})
         threads = os.environ.get("SLIME_RAY_TORCH_THREADS")  # the replica's, handed down
         env = {"env_vars": {"SLIME_RAY_TORCH_THREADS": threads}} if threads else None
-        cls = ray.remote(max_concurrency=16, **opts)(EngineHost)
+        # control calls (default group) keep their threads however many generate calls wait
+        cls = ray.remote(max_concurrency=16, concurrency_groups={"generate": 64}, **opts)(EngineHost)
         self.actor = cls.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=int(placement["bundle_index"])),

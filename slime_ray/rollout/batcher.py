@@ -154,6 +154,8 @@ class MergingRunner:
             self._queue.extend(pieces)
         while not all(p.done for p in pieces):
             with self._turn:  # a call holding my pieces has finished once I get the turn
+                if all(p.done for p in pieces):
+                    break  # another caller ran them: return without running later work
                 with self._queue_lock:
                     batch, n = [], 0
                     while self._queue and (not batch or n + len(self._queue[0].items) <= max_batch_size):

@@ -204,22 +204,29 @@ class EngineClient:
         for i, h in enumerate(self.engines):
             if i not in self._engine_actors:
                 try:
-                    target = h.engine_actor.remote().result()
-                except Exception:  # noqa: BLE001 - no engine_actor (another deployment class), or down now
-                    target = None
-                self._engine_actors[i] = target[0] if target else None
-        return [self._engine_actors[i] for i in range(len(self.engines))]
+                    self._remember_actor(i, h.engine_actor.remote().result())
+                except Exception as err:  # noqa: BLE001 - see _remember_actor
+                    self._remember_actor(i, err)
+        return [self._engine_actors.get(i) for i in range(len(self.engines))]
+
+    def _remember_actor(self, i: int, answer: Any) -> None:
+        """Cache engine ``i``'s ``engine_actor`` answer: its actor, or None for an engine inside
+        its replica (or a deployment class without ``engine_actor``). A failed call (the replica
+        is restarting) is not cached: this sync goes through the replica, the next one asks again."""
+        if isinstance(answer, AttributeError):
+            self._engine_actors[i] = None
+        elif not isinstance(answer, BaseException):
+            self._engine_actors[i] = answer[0] if answer else None
 
     async def engine_actors_async(self) -> list[Any]:
         """:meth:`engine_actors` for callers inside an event loop."""
         for i, h in enumerate(self.engines):
             if i not in self._engine_actors:
                 try:
-                    target = await h.engine_actor.remote()
-                except Exception:  # noqa: BLE001 - as in engine_actors
-                    target = None
-                self._engine_actors[i] = target[0] if target else None
-        return [self._engine_actors[i] for i in range(len(self.engines))]
+                    self._remember_actor(i, await h.engine_actor.remote())
+                except Exception as err:  # noqa: BLE001 - see _remember_actor
+                    self._remember_actor(i, err)
+        return [self._engine_actors.get(i) for i in range(len(self.engines))]
 
     def _load_calls(self, actors: list[Any], ref: list, weight_version: int) -> list:
         """Start every engine's load: ``EngineHost.update_weights_paused`` on its actor (one Ray
@@ -230,7 +237,8 @@ class EngineClient:
 
     def _through_replica_if_dead(self, i: int, err: BaseException, ref: list, weight_version: int) -> Any:
         """Engine ``i``'s actor failed a direct load: forget it and load through the replica
-        (which, restarted, owns a new actor). Other errors are raised as they are."""
+        (once Serve has restarted it, the replica owns a new actor; until then this fails too).
+        Other errors are raised as they are."""
         if not isinstance(err, ray.exceptions.RayActorError) or self._engine_actors.get(i) is None:
             raise err
         logger.warning("engine_%d: its actor is gone (%s); loading through the replica", i, type(err).__name__)
@@ -252,6 +260,9 @@ class EngineClient:
         Raises:
             the engine's KeyError / ValueError (unknown name, shape mismatch), wrapped by Ray.
         """
+        ack, self._version_ack = self._version_ack, None
+        if ack is not None:  # the last sync's answer, never awaited: keep the versions in order
+            ack.result()
         ref = self._as_ref(weights)
         self.publish_weights(ref[0], weight_version)  # first: a replica starting now already gets this version
         loads = self._load_calls(self.engine_actors(), ref, weight_version)
@@ -272,7 +283,10 @@ class EngineClient:
         """Wait for the ingress's answer to the last ``set_weight_version`` that
         :meth:`update_weights` sent without waiting (``idle_during_sync``); raises its error.
         Called before this client sends a request, and by the rollout manager before a rollout
-        starts (so requests that its generate functions send over HTTP also meet the new version)."""
+        starts (so requests that its generate functions send over HTTP also meet the new version).
+        Only the first caller waits; requests sent alongside it may still reach the ingress
+        first, and are then held to the previous version (every engine has loaded the new one
+        by then, as update_weights waited for the loads)."""
         ack, self._version_ack = self._version_ack, None
         if ack is not None:
             await ack
@@ -284,6 +298,7 @@ class EngineClient:
 
     async def update_weights_async(self, weights: Any, weight_version: int) -> list[int]:
         """Async :meth:`update_weights` (for callers inside an event loop)."""
+        await self.confirm_version()  # an earlier sync's answer first: the versions stay in order
         ref = self._as_ref(weights)
         if self.weight_store is not None:
             await self.weight_store.publish.remote(ref, int(weight_version))
