@@ -169,6 +169,26 @@ def test_compiled_step_one_graph_per_bucket_and_mode(model_dir, static):
     assert eng.num_compilations == 2  # one more for the sampling mode
 
 
+@pytest.mark.parametrize("inference_mode", [True, False], ids=["eager_cpu", "compiled_or_cuda"])
+def test_decode_runs_without_grad_in_either_mode(model_dir, inference_mode):
+    """The loop runs the model with grad mode off whether or not it enters inference mode (the
+    eager CPU loop does; compiled and CUDA loops do not). ``inference_mode(False)`` would turn
+    grad mode on, building an autograd graph of every decode step (2x slower on an H200)."""
+    eng = HFEngine(model_dir, decode_loop="static")
+    assert eng._decoder.inference_mode is True  # eager on CPU
+    eng._decoder.inference_mode = inference_mode  # what a compiled or CUDA decoder sets
+    seen = []
+    hook = eng.model.model.layers[0].register_forward_pre_hook(
+        lambda mod, args: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+    try:
+        out = eng.generate([_req(eng, p, temperature=0.0, max_new_tokens=5) for p in PROMPTS[:2]])
+    finally:
+        hook.remove()
+    assert len(seen) >= 5  # the prefill and the decode steps
+    assert set(seen) == {(False, inference_mode)}
+    assert all(len(o["output_ids"]) == 5 for o in out) and torch.is_grad_enabled()
+
+
 # ---------------------------------------------------------------- grouped-query attention
 def _attn_spy(model):
     """Records the attention implementation each attention call of layer 0 ran with."""
