@@ -15,7 +15,9 @@ driver calls, and prints the median of each span over the steady steps:
 ``w.*`` rows are timed inside the Ray workers (a ``worker_process_setup_hook`` wraps the methods
 of ``WORKER_SPANS``): ``w.engine_generate`` is ``HFEngine.generate`` in the engine's actor,
 ``w.trainer_train`` is ``TorchTrainer.train`` (old log-probs + loss + AdamW) in the trainer actor;
-the difference between a driver span and the worker span inside it is framework overhead.
+the difference between a driver span and the worker span inside it is framework overhead;
+``<span>.calls`` counts the calls in a step (``w.engine_generate.calls`` 1 = the step's rollout
+was one engine batch).
 
     .venv/bin/python bench/grpo_overhead.py [--steps 10]
 """
@@ -70,6 +72,7 @@ WORKER_SPANS = [  # (module, class, method, span name): timed in every Ray worke
     ("slime_ray.train.actor_group", "TrainerActor", "put_weights", "w.trainer_put_weights"),
     ("serve_apps.rollout_app", "EngineDeployment", "_generate_batch", "w.replica_generate_batch"),
     ("serve_apps.rollout_app", "EngineDeployment", "update_weights", "w.replica_update_weights"),
+    ("slime_ray.engines.remote", "EngineHost", "generate_at_least", "w.host_generate_at_least"),
 ]
 
 
@@ -101,9 +104,9 @@ def worker_hook() -> None:
         try:
             c = getattr(importlib.import_module(mod), cls)
             c = getattr(c, "func_or_class", c)  # a Serve deployment: its class
-        except Exception:  # noqa: BLE001
+            fn = getattr(c, meth)
+        except Exception:  # noqa: BLE001 - not in this version of the code
             continue
-        fn = getattr(c, meth)
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def wrapped(*a, _fn=fn, _name=name, **k):
@@ -134,6 +137,7 @@ def worker_spans(t0: float, t1: float) -> dict[str, float]:
         name, a, b = json.loads(line)
         if t0 <= a < t1:
             out[name] += b - a
+            out[f"{name}.calls"] += 1
     return out
 
 
