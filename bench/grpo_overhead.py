@@ -7,7 +7,8 @@ driver calls, and prints the median of each span over the steady steps:
 - ``rollout``: ``RolloutManager.generate_rollout`` (all engine requests through Serve + rewards);
   inside it ``engine_wall`` (first request sent -> last response back) and ``reward``;
 - ``table`` (``build_train_table``), ``put_table`` (``ray.put`` of the Arrow table);
-- ``train`` (the trainer actors' ``train`` call, round trip);
+- ``train`` (the trainer actors' ``train`` call, round trip); ``offload_rollout`` /
+  ``onload_rollout`` (colocated with ``--offload-rollout``: engines free / retake their memory);
 - ``sync`` (``actor.sync_weights``): ``weights_ref`` (trainer -> object store) and
   ``update_weights`` (engines load, ingress version);
 - ``log_metrics`` (MLflow), ``print``; ``other`` = step gap minus all of the above.
@@ -199,6 +200,8 @@ def main() -> None:
     ray.put = put
     _wrap(actor_critic, "train_step", "train")
     grpo.train_step = actor_critic.train_step
+    _wrap(job, "offload_rollout", "offload_rollout")  # colocated --offload-rollout only
+    _wrap(job, "onload_rollout", "onload_rollout")
     _wrap(actor_group.RayTrainGroup, "sync_weights", "sync")
     _wrap(actor_group.RayTrainGroup, "weights_ref", "sync.weights_ref")
     _wrap(engine_client.EngineClient, "update_weights", "sync.update_weights")
@@ -251,7 +254,7 @@ def main() -> None:
     job.shutdown(result)
     n = a.warmup
     print(f"\nmedian over steps {n + 1}..{a.steps - 1} (seconds; step gap = log_metrics to log_metrics):")
-    order = ["step_gap", "rollout", "rollout.engine_wall", "rollout.reward", "table", "put_table", "train", "sync",
+    order = ["step_gap", "rollout", "rollout.engine_wall", "rollout.reward", "table", "put_table", "offload_rollout", "train", "onload_rollout", "sync",
              "sync.weights_ref", "sync.update_weights", "log_metrics", "print", "other",
              "w.replica_generate_batch", "w.engine_generate", "w.trainer_train", "w.trainer_optimizer_step", "w.trainer_get_weights", "w.trainer_put_weights",
              "w.replica_update_weights", "w.engine_update_weights"]

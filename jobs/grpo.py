@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> job.JobResult:
         groups, rollout_metrics = job.run_async(rollout.generate_rollout(rollout_id))
         table, table_metrics = build_train_table(args, groups)
         try:
-            job.offload_rollout(args, rollout.client)                # colocated: engines free their memory
+            job.offload_rollout(args, rollout.client, t)             # colocated: engines free their memory
             train_metrics = t.run("train", train_step, args, rollout_id, actor, critic, ray.put(table))
-            job.onload_rollout(args, rollout.client)
+            job.onload_rollout(args, rollout.client, t)
             if checkpoint.should_save(args, rollout_id):
                 t.run("save", checkpoint.save, args, actor, rollout_id, data_source, rollout_id + 1, tracker.run_id)
             sync_metrics = {}

@@ -214,16 +214,18 @@ def _fault_tolerance_options(args: Namespace) -> dict[str, Any] | None:
             "weight_store": f"{ROLLOUT_APP_NAME}_weights"}
 
 
-def offload_rollout(args: Namespace, client: Any) -> None:
-    """Colocated with ``--offload-rollout``: engines release weights/KV before the trainer runs."""
+def offload_rollout(args: Namespace, client: Any, timer: "StepTimer | None" = None) -> None:
+    """Colocated with ``--offload-rollout``: engines release weights/KV before the trainer runs.
+    With ``timer``, its seconds go to ``perf/offload_rollout_time``."""
     if args.colocate and args.offload_rollout:
-        client.release_memory()
+        (timer or StepTimer()).run("offload_rollout", client.release_memory)
 
 
-def onload_rollout(args: Namespace, client: Any) -> None:
-    """Colocated with ``--offload-rollout``: engines take their memory back (before the sync)."""
+def onload_rollout(args: Namespace, client: Any, timer: "StepTimer | None" = None) -> None:
+    """Colocated with ``--offload-rollout``: engines take their memory back (before the sync).
+    With ``timer``, its seconds go to ``perf/onload_rollout_time``."""
     if args.colocate and args.offload_rollout:
-        client.resume_memory()
+        (timer or StepTimer()).run("onload_rollout", client.resume_memory)
 
 
 def shutdown(result: "JobResult") -> None:

@@ -108,6 +108,9 @@ def test_colocated_equals_disaggregated_first_step(ray_cluster, workdir):
     disagg, r2 = _first_step_losses(workdir)
     assert r1.placement is not None and r1.placement.colocate and not r2.placement.colocate
     assert colo == disagg
+    for phase in ("offload_rollout", "onload_rollout"):  # timed phases, only when they run
+        assert len(_history(workdir, r1.run_id, f"perf/{phase}_time")) == 1
+        assert _history(workdir, r2.run_id, f"perf/{phase}_time") == []
 
 
 def test_weight_update_is_atomic_and_matches_a_fresh_engine(ray_cluster, workdir):
