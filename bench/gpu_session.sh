@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J     (carry .whl for M and A; .twhl for E and F:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -120,6 +120,41 @@ elif [ "$part" = J ]; then  # one H200: H's GRPO job (compiled engine, 8 samples
   CUDA_VISIBLE_DEVICES=0 timeout 500 python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
     | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
   summary engine_job | tee -a "$OUT/engine_job.log"
+elif [ "$part" = K ]; then  # one H200, final check of the code (carry .gwhl): J's job, colocated sync, training
+  mk 135m /tmp/smol
+  R=(--hf-checkpoint /tmp/smol --colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1
+     --num-rollout 5 --recompute-activations --use-dynamic-batch-size --max-tokens-per-gpu 8192)
+  CUDA_VISIBLE_DEVICES=0 timeout 270 python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
+    | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
+  summary engine_job | tee -a "$OUT/engine_job.log"
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 bench/weight_sync.py --reps 5 --models 135m 2>&1 | tail -n 8 | tee "$OUT/weight_sync.log"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_throughput.py --compile both > "$OUT/train_throughput.log" 2>&1
+  grep -v "Loading\|Writing" "$OUT/train_throughput.log" | tail -n 25
+elif [ "$part" = L ]; then  # one H200: where a GRPO step's time goes (bench/grpo_overhead.py), J's job shape;
+  mk 135m /tmp/smol            # with OLD=<folder of an older tree>, that tree's step after this one's
+  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
+     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
+     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
+  root=$PWD
+  for tree in . $OLD; do
+    (cd $tree && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
+       --model /tmp/smol --steps 7 --warmup 3 --threads 4 --prompts-per-step 8 --group-size 8 --max-new-tokens 128 \
+       --extra "$X" 2>&1 | grep -E "^ |^step|rror" | tail -n 40 | tee "$OUT/overhead_$(basename $tree).log")
+  done
+elif [ "$part" = N ]; then  # one H200: L's step breakdown (this tree), then I's engine bench
+  mk 135m /tmp/smol
+  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
+     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
+     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
+  CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/grpo_overhead.py --model /tmp/smol --steps 5 --warmup 2 --threads 4 \
+    --prompts-per-step 8 --group-size 8 --max-new-tokens 128 --extra "$X" 2>&1 | grep -E "^ |^step|rror" | tail -n 40 \
+    | tee "$OUT/overhead.log"
+  CUDA_VISIBLE_DEVICES=0 timeout 210 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 2 \
+    --group-size 8 --varying 40,200 --json "$OUT/engine_fast.json" > "$OUT/engine_fast.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/engine_throughput.py --model /tmp/smol --mode eager --repeats 1 \
+    --group-size 8 --batches 256 --json "$OUT/engine_eager.json" > "$OUT/engine_eager.log" 2>&1
+  grep -v "Loading\|Writing" "$OUT/engine_fast.log" "$OUT/engine_eager.log" | tail -n 14
+  python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
