@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N     (carry .whl for M and A; .twhl for E and F:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N|N2     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -135,26 +135,30 @@ elif [ "$part" = L ]; then  # one H200: where a GRPO step's time goes (bench/grp
   X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
      --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
      --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
-  root=$PWD
+  root=$PWD                    # (the older tree gets this tree's bench/grpo_overhead.py copied in first)
   for tree in . $OLD; do
-    (cd $tree && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
+    name=$([ "$tree" = . ] && echo this || basename "$tree")
+    (cd "$tree" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
        --model /tmp/smol --steps 7 --warmup 3 --threads 4 --prompts-per-step 8 --group-size 8 --max-new-tokens 128 \
-       --extra "$X" 2>&1 | grep -E "^ |^step|rror" | tail -n 40 | tee "$OUT/overhead_$(basename $tree).log")
+       --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" | tail -n 40 | tee "$OUT/overhead_$name.log")
+    python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1  # a run cut by its timeout leaves workers
   done
-elif [ "$part" = N ]; then  # one H200: L's step breakdown (this tree), then I's engine bench
+elif [ "$part" = N ]; then  # one H200: I's engine bench (after the grad-mode fix)
   mk 135m /tmp/smol
-  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
-     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
-     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
-  CUDA_VISIBLE_DEVICES=0 timeout 260 python3 bench/grpo_overhead.py --model /tmp/smol --steps 5 --warmup 2 --threads 4 \
-    --prompts-per-step 8 --group-size 8 --max-new-tokens 128 --extra "$X" 2>&1 | grep -E "^ |^step|rror" | tail -n 40 \
-    | tee "$OUT/overhead.log"
   CUDA_VISIBLE_DEVICES=0 timeout 210 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 2 \
     --group-size 8 --varying 40,200 --json "$OUT/engine_fast.json" > "$OUT/engine_fast.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/engine_throughput.py --model /tmp/smol --mode eager --repeats 1 \
     --group-size 8 --batches 256 --json "$OUT/engine_eager.json" > "$OUT/engine_eager.log" 2>&1
   grep -v "Loading\|Writing" "$OUT/engine_fast.log" "$OUT/engine_eager.log" | tail -n 14
   python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
+elif [ "$part" = N2 ]; then  # one H200: L's step breakdown of J's job, this tree only, 5 steps (steady: 3 and 4)
+  mk 135m /tmp/smol
+  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
+     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
+     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
+  CUDA_VISIBLE_DEVICES=0 timeout 250 python3 bench/grpo_overhead.py --model /tmp/smol --steps 5 --warmup 2 --threads 4 \
+    --prompts-per-step 8 --group-size 8 --max-new-tokens 128 --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" \
+    | tail -n 40 | tee "$OUT/overhead.log"
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"

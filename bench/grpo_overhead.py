@@ -17,7 +17,7 @@ driver calls, and prints the median of each span over the steady steps:
 of ``WORKER_SPANS``): ``w.engine_generate`` is ``HFEngine.generate`` in the engine's actor,
 ``w.trainer_train`` is ``TorchTrainer.train`` (old log-probs + loss + AdamW) in the trainer actor;
 the difference between a driver span and the worker span inside it is framework overhead;
-``<span>.calls`` counts the calls in a step (``w.engine_generate.calls`` 1 = the step's rollout
+``w.<span>.calls`` counts a worker span's calls in a step (``w.engine_generate.calls`` 1 = the step's rollout
 was one engine batch).
 
     .venv/bin/python bench/grpo_overhead.py [--steps 10]

@@ -169,7 +169,7 @@ def test_compiled_step_one_graph_per_bucket_and_mode(model_dir, static):
     assert eng.num_compilations == 2  # one more for the sampling mode
 
 
-@pytest.mark.parametrize("inference_mode", [True, False], ids=["eager_cpu", "compiled_or_cuda"])
+@pytest.mark.parametrize("inference_mode", [True, False], ids=["inference_mode", "no_grad"])
 def test_decode_runs_without_grad_in_either_mode(model_dir, inference_mode):
     """The loop runs the model with grad mode off whether or not it enters inference mode (the
     eager CPU loop does; compiled and CUDA loops do not). ``inference_mode(False)`` would turn
@@ -187,6 +187,23 @@ def test_decode_runs_without_grad_in_either_mode(model_dir, inference_mode):
     assert len(seen) >= 5  # the prefill and the decode steps
     assert set(seen) == {(False, inference_mode)}
     assert all(len(o["output_ids"]) == 5 for o in out) and torch.is_grad_enabled()
+
+
+def test_compiled_decode_step_runs_without_grad(model_dir):
+    """A compiled decoder (no inference mode) calls its compiled step with grad mode off."""
+    eng = HFEngine(model_dir, decode_loop="static")
+    eng._decoder = StaticDecoder(eng.model, pad_token_id=eng.pad_token_id, compile=True,
+                                 compile_options={"backend": "eager"})
+    assert eng._decoder.inference_mode is False
+    compiled, seen = eng._decoder._step, []
+
+    def step(*a, **k):
+        seen.append(torch.is_grad_enabled())
+        return compiled(*a, **k)
+    eng._decoder._step = step
+    out = eng.generate([_req(eng, p, temperature=0.0, max_new_tokens=4) for p in PROMPTS[:2]])
+    assert len(seen) >= 3 and not any(seen)
+    assert all(len(o["output_ids"]) == 4 for o in out)
 
 
 # ---------------------------------------------------------------- grouped-query attention

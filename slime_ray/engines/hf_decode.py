@@ -53,7 +53,6 @@ top-k or top-p: temperature, top_p and top_k are device tensors, not graph const
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import threading
@@ -302,12 +301,12 @@ def _with_decode_model(fn):
     """Run ``fn`` (a :class:`StaticDecoder` method) with the model switched to grouped-query
     attention when ``self.grouped_attention`` (see :func:`use_grouped_attention`) and to fused
     q/k/v and gate/up projections when ``self.fused_projections`` (see
-    :func:`use_fused_projections`), under ``torch.inference_mode`` when ``self.inference_mode``
-    (else under the caller's ``no_grad``: ``inference_mode(False)`` would turn grad mode on)."""
+    :func:`use_fused_projections`), under ``torch.inference_mode`` when ``self.inference_mode``,
+    else under ``torch.no_grad`` (not ``inference_mode(False)``, which turns grad mode on)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
-            with (torch.inference_mode() if self.inference_mode else contextlib.nullcontext()), \
+            with (torch.inference_mode() if self.inference_mode else torch.no_grad()), \
                     use_grouped_attention(self.model, self.grouped_attention), \
                     use_fused_projections(self.model, self.fused_projections):
                 return fn(self, *args, **kwargs)
