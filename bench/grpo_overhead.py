@@ -220,7 +220,9 @@ def main() -> None:
             SPANS["step_gap"].append(gap)
             if window["first"] is not None:
                 SPANS["rollout.engine_wall"].append(window["last"] - window["first"])
-            for k, v in _CUR.items():
+            steps = len(SPANS["step_gap"])
+            for k, v in _CUR.items():  # a span missing in a step counts 0 there (lists stay per step)
+                SPANS[k].extend([0.0] * (steps - 1 - len(SPANS[k])))
                 SPANS[k].append(v)
             named = sum(v for k, v in _CUR.items() if "." not in k)  # nested spans have a dot
             SPANS["other"].append(gap - named)
@@ -258,8 +260,11 @@ def main() -> None:
              "sync.weights_ref", "sync.update_weights", "log_metrics", "print", "other",
              "w.replica_generate_batch", "w.engine_generate", "w.trainer_train", "w.trainer_optimizer_step", "w.trainer_get_weights", "w.trainer_put_weights",
              "w.replica_update_weights", "w.engine_update_weights"]
+    steps = len(SPANS["step_gap"])
     for k in order + sorted(set(SPANS) - set(order)):
-        v = SPANS.get(k, [])[n:]
+        if k not in SPANS:
+            continue
+        v = (SPANS[k] + [0.0] * (steps - len(SPANS[k])) if k != "rollout.engine_wall" else SPANS[k])[n:]
         if v:
             orig_print(f"  {k:22s} {statistics.median(v):7.3f} mean {statistics.mean(v):6.3f}  ({' '.join(f'{x:.3f}' for x in v)})")
     orig_print(f"  main() total {t_main:.1f}s for {a.steps} steps")
