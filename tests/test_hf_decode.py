@@ -506,20 +506,28 @@ def test_prefill_shared_only_when_it_halves_the_rows(model_dir):
     assert eng.last_decode_stats["prefill_rows"] == 2
 
 
-def test_auto_loop_needs_full_attention_static_layers(tmp_path):
-    """A sliding-window model (transformers gives it StaticSlidingWindowLayer caches) keeps
-    ``generate`` by default on CPU; the eager loop checks for finished rows every step there."""
+@pytest.fixture(scope="module")
+def sliding_window_dir(tmp_path_factory):
+    """A tiny random Mistral with a 4-token sliding window (transformers gives it
+    StaticSlidingWindowLayer caches), saved with the tiny tokenizer."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from slime_ray.testing import build_tiny_tokenizer
 
+    path = tmp_path_factory.mktemp("tiny_sliding_window")
     cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=256)
-    MistralForCausalLM(cfg).save_pretrained(tmp_path)
-    build_tiny_tokenizer().save_pretrained(tmp_path)
-    eng = HFEngine(str(tmp_path))
+    MistralForCausalLM(cfg).save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_auto_loop_needs_full_attention_static_layers(sliding_window_dir):
+    """A sliding-window model keeps ``generate`` by default on CPU; the eager loop checks for
+    finished rows every step there."""
+    eng = HFEngine(sliding_window_dir)
     assert eng.model._can_compile_fullgraph and eng.decode_loop == "generate" and eng._decoder is None
-    assert HFEngine(str(tmp_path), decode_loop="static")._decoder.check_every == 1
+    assert HFEngine(sliding_window_dir, decode_loop="static")._decoder.check_every == 1
 
 
 def test_eager_loop_builds_its_own_decode_mask(model_dir, monkeypatch):
@@ -550,18 +558,10 @@ def test_eager_loop_builds_its_own_decode_mask(model_dir, monkeypatch):
         assert x["output_ids"] == y["output_ids"] and x["output_log_probs"] == y["output_log_probs"]
 
 
-def test_eager_decode_mask_only_for_full_attention(tmp_path):
+def test_eager_decode_mask_only_for_full_attention(sliding_window_dir):
     """A sliding-window model run with the static loop keeps transformers' mask (its layers do
     not attend to the whole cache)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from slime_ray.testing import build_tiny_tokenizer
-
-    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=256)
-    MistralForCausalLM(cfg).save_pretrained(tmp_path)
-    build_tiny_tokenizer().save_pretrained(tmp_path)
-    eng = HFEngine(str(tmp_path), decode_loop="static")
+    eng = HFEngine(sliding_window_dir, decode_loop="static")
     eng.generate([_req(eng, "What is 3 + 4?", temperature=0.0, max_new_tokens=6)])
     (slot,) = eng._decoder._slots.values()
     assert slot.decode_mask is None
