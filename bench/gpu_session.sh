@@ -51,6 +51,26 @@ if len(ts) > 1:
     print('wall s/step (steps 1..): median', st.median((b - a) / 1000 for a, b in zip(ts, ts[1:])))
 "; }
 
+# J's GRPO job: compiled engine, colocated with --offload-rollout, 8 prompts x 8 samples x 128 tokens (one GPU)
+colocated_job() {  # $1: timeout in seconds
+  R=(--hf-checkpoint /tmp/smol --colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1
+     --num-rollout 5 --recompute-activations --use-dynamic-batch-size --max-tokens-per-gpu 8192)
+  CUDA_VISIBLE_DEVICES=0 timeout "$1" python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
+    | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
+  summary engine_job | tee -a "$OUT/engine_job.log"
+}
+# bench/grpo_overhead.py on J's job shape, run in folder $1 (a tree of this repo), $2 steps, the first $3 warm-up
+overhead() {
+  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
+     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
+     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
+  name=$([ "$1" = . ] && echo this || basename "$1")
+  (root=$PWD; cd "$1" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
+     --model /tmp/smol --steps "$2" --warmup "$3" --threads 4 --prompts-per-step 8 --group-size 8 --max-new-tokens 128 \
+     --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" | tail -n 40 | tee "$OUT/overhead_$name.log")
+  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1  # a run cut by its timeout leaves workers
+}
+
 if [ "$part" = M ]; then
   mk 135m-tp2 /tmp/s8
   R=(--hf-checkpoint /tmp/s8 --actor-num-gpus-per-node 2 --colocate --rollout-num-gpus 2 --num-rollout 5
@@ -105,9 +125,10 @@ elif [ "$part" = H ]; then  # final check, 2 GPUs at once (carry .gwhl): F's eng
   wait
   grep -v "Loading\|Writing" "$OUT/engine_fast.log" "$OUT/engine_eager.log" | tail -n 14
   python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
-elif [ "$part" = I ]; then  # one H200: H's engine bench with GRPO-shaped calls (8 samples per prompt: shared prefill)
+elif [ "$part" = I ] || [ "$part" = N ]; then  # one H200: H's engine bench with GRPO-shaped calls (8 samples per
+  # prompt: shared prefill); N = the same with 2 repeats (the re-check after the grad-mode fix)
   mk 135m /tmp/smol
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 3 \
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats $([ "$part" = N ] && echo 2 || echo 3) \
     --group-size 8 --varying 40,200 --json "$OUT/engine_fast.json" > "$OUT/engine_fast.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/engine_throughput.py --model /tmp/smol --mode eager --repeats 1 \
     --group-size 8 --batches 256 --json "$OUT/engine_eager.json" > "$OUT/engine_eager.log" 2>&1
@@ -115,50 +136,21 @@ elif [ "$part" = I ]; then  # one H200: H's engine bench with GRPO-shaped calls 
   python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
 elif [ "$part" = J ]; then  # one H200: H's GRPO job (compiled engine, 8 samples per prompt), colocated
   mk 135m /tmp/smol
-  R=(--hf-checkpoint /tmp/smol --colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1
-     --num-rollout 5 --recompute-activations --use-dynamic-batch-size --max-tokens-per-gpu 8192)
-  CUDA_VISIBLE_DEVICES=0 timeout 500 python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
-    | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
-  summary engine_job | tee -a "$OUT/engine_job.log"
+  colocated_job 500
 elif [ "$part" = K ]; then  # one H200, final check of the code (carry .gwhl): J's job, colocated sync, training
   mk 135m /tmp/smol
-  R=(--hf-checkpoint /tmp/smol --colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1
-     --num-rollout 5 --recompute-activations --use-dynamic-batch-size --max-tokens-per-gpu 8192)
-  CUDA_VISIBLE_DEVICES=0 timeout 270 python3 jobs/grpo.py "${COMMON[@]}" "${R[@]}" --mlflow-tracking-uri jsonl:/tmp/engine_job.jsonl 2>&1 \
-    | grep -E "^step|rror|Traceback|ecompil" | tail -n 20 | tee "$OUT/engine_job.log"
-  summary engine_job | tee -a "$OUT/engine_job.log"
+  colocated_job 270
   CUDA_VISIBLE_DEVICES=0 timeout 90 python3 bench/weight_sync.py --reps 5 --models 135m 2>&1 | tail -n 8 | tee "$OUT/weight_sync.log"
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_throughput.py --compile both > "$OUT/train_throughput.log" 2>&1
   grep -v "Loading\|Writing" "$OUT/train_throughput.log" | tail -n 25
 elif [ "$part" = L ]; then  # one H200: where a GRPO step's time goes (bench/grpo_overhead.py), J's job shape;
   mk 135m /tmp/smol            # with OLD=<folder of an older tree>, that tree's step after this one's
-  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
-     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
-     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
-  root=$PWD                    # (the older tree gets this tree's bench/grpo_overhead.py copied in first)
-  for tree in . $OLD; do
-    name=$([ "$tree" = . ] && echo this || basename "$tree")
-    (cd "$tree" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
-       --model /tmp/smol --steps 7 --warmup 3 --threads 4 --prompts-per-step 8 --group-size 8 --max-new-tokens 128 \
-       --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" | tail -n 40 | tee "$OUT/overhead_$name.log")
-    python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1  # a run cut by its timeout leaves workers
+  for tree in . $OLD; do       # (the older tree gets this tree's bench/grpo_overhead.py copied in first)
+    overhead "$tree" 7 3
   done
-elif [ "$part" = N ]; then  # one H200: I's engine bench (after the grad-mode fix)
-  mk 135m /tmp/smol
-  CUDA_VISIBLE_DEVICES=0 timeout 210 python3 bench/engine_throughput.py --model /tmp/smol --mode fast --repeats 2 \
-    --group-size 8 --varying 40,200 --json "$OUT/engine_fast.json" > "$OUT/engine_fast.log" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/engine_throughput.py --model /tmp/smol --mode eager --repeats 1 \
-    --group-size 8 --batches 256 --json "$OUT/engine_eager.json" > "$OUT/engine_eager.log" 2>&1
-  grep -v "Loading\|Writing" "$OUT/engine_fast.log" "$OUT/engine_eager.log" | tail -n 14
-  python3 bench/engine_throughput.py --merge "$OUT/engine_fast.json" "$OUT/engine_eager.json" 2>&1 | tail -n 8
 elif [ "$part" = N2 ]; then  # one H200: L's step breakdown of J's job, this tree only, 5 steps (steady: 3 and 4)
   mk 135m /tmp/smol
-  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
-     --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
-     --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
-  CUDA_VISIBLE_DEVICES=0 timeout 250 python3 bench/grpo_overhead.py --model /tmp/smol --steps 5 --warmup 2 --threads 4 \
-    --prompts-per-step 8 --group-size 8 --max-new-tokens 128 --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" \
-    | tail -n 40 | tee "$OUT/overhead.log"
+  overhead . 5 2
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
