@@ -67,6 +67,9 @@ SPAN_FILE = os.environ.setdefault("SLIME_RAY_SPAN_FILE", str(Path(tempfile.mkdte
 WORKER_SPANS = [  # (module, class, method, span name): timed in every Ray worker process
     ("slime_ray.engines.hf", "HFEngine", "generate", "w.engine_generate"),
     ("slime_ray.engines.hf", "HFEngine", "update_weights", "w.engine_update_weights"),
+    ("slime_ray.engines.hf", "HFEngine", "release_memory", "w.engine_release_memory"),
+    ("slime_ray.engines.hf", "HFEngine", "resume_memory", "w.engine_resume_memory"),
+    ("slime_ray.engines.hf_decode", "StaticDecoder", "_capture", "w.decoder_capture"),
     ("slime_ray.train.backends.torch_backend", "TorchTrainer", "train", "w.trainer_train"),
     ("slime_ray.train.backends.torch_backend", "TorchTrainer", "get_weights", "w.trainer_get_weights"),
     ("slime_ray.train.backends.torch_backend", "TorchTrainer", "_optimizer_step", "w.trainer_optimizer_step"),
@@ -259,7 +262,8 @@ def main() -> None:
     order = ["step_gap", "rollout", "rollout.engine_wall", "rollout.reward", "table", "put_table", "offload_rollout", "train", "onload_rollout", "sync",
              "sync.weights_ref", "sync.update_weights", "log_metrics", "print", "other",
              "w.replica_generate_batch", "w.engine_generate", "w.trainer_train", "w.trainer_optimizer_step", "w.trainer_get_weights", "w.trainer_put_weights",
-             "w.replica_update_weights", "w.engine_update_weights"]
+             "w.replica_update_weights", "w.engine_update_weights", "w.engine_release_memory",
+             "w.engine_resume_memory", "w.decoder_capture"]
     steps = len(SPANS["step_gap"])
     for k in order + sorted(set(SPANS) - set(order)):
         if k not in SPANS:
