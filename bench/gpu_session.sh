@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N|N2     (carry .whl for M and A; .twhl for E and F:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N|N2|N3|O     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -61,10 +61,10 @@ colocated_job() {  # $1: timeout in seconds
 }
 # bench/grpo_overhead.py on J's job shape, run in folder $1 (a tree of this repo), $2 steps, the first $3 warm-up
 overhead() {
-  X="--colocate --offload-rollout --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
+  X="--colocate ${OFFLOAD---offload-rollout} --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --recompute-activations
      --use-dynamic-batch-size --max-tokens-per-gpu 8192 --use-kl-loss --kl-loss-coef 0.001
      --custom-rm-path bench/assets/parity_rm.py --mlflow-tracking-uri jsonl:/tmp/overhead.jsonl"
-  name=$([ "$1" = . ] && echo this || basename "$1")
+  name=$([ "$1" = . ] && echo this || basename "$1")${OFFLOAD+_nooffload}
   (root=$PWD; cd "$1" && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$root/.tsite:$root/.site:$PWD timeout 250 python3 bench/grpo_overhead.py \
      --model /tmp/smol --steps "$2" --warmup "$3" --threads 4 --prompts-per-step 8 --group-size 8 --max-new-tokens 128 \
      --extra "$X" 2>&1 | grep -E "^  [a-z]|^step|^median|rror" | tail -n 40 | tee "$OUT/overhead_$name.log")
@@ -151,6 +151,15 @@ elif [ "$part" = L ]; then  # one H200: where a GRPO step's time goes (bench/grp
 elif [ "$part" = N2 ]; then  # one H200: L's step breakdown of J's job, this tree only, 5 steps (steady: 3 and 4)
   mk 135m /tmp/smol
   overhead . 5 2
+elif [ "$part" = O ]; then  # one H200: the engine's release / retake alone (bench/engine_offload.py), then N2
+  mk 135m /tmp/smol
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/engine_offload.py --model /tmp/smol --reps 5 2>&1 | tail -n 8 \
+    | tee "$OUT/engine_offload.log"
+  overhead . 5 2
+elif [ "$part" = N3 ]; then  # N2, then the same job colocated without --offload-rollout (engine keeps its memory)
+  mk 135m /tmp/smol
+  overhead . 5 2
+  OFFLOAD= overhead . 5 2
 elif [ "$part" = A4 ]; then  # A3's async vs sync alone (after the async loop's transport fix), same config
   mk 135m /tmp/smol
   X="--rollout-batch-size 16 --n-samples-per-prompt 8 --global-batch-size 128 --micro-batch-size 16 --rollout-max-response-len 128 --use-kl-loss --kl-loss-coef 0.001 --rollout-num-gpus 1 --actor-num-gpus-per-node 1 --rollout-compile false --train-precision fp32 --recompute-activations --train-compile false --torch-num-threads 4 --custom-rm-path bench/assets/parity_rm.py"
