@@ -188,6 +188,65 @@ def test_in_place_update_checks_and_fallbacks(tmp_path):
     assert eng._flat_layout.valid()
 
 
+def test_release_and_resume_keep_ties_flat_layout_and_values(tmp_path, monkeypatch):
+    """--offload-rollout on an accelerator: HFEngine.release_memory / resume_memory move each storage
+    once (HostOffload) and keep what the sync relies on: tied embeddings one storage, the flat
+    layout valid (no rebuild), values unchanged; generate refuses while released. On CPU both
+    are no-ops, so the engine's device is set to a non-CPU one here (the tensors stay on CPU)."""
+    from slime_ray.engines.hf import HFEngine
+    from slime_ray.testing import engine_request, make_tiny_model_dir
+
+    eng = HFEngine(str(make_tiny_model_dir(tmp_path / "m", seed=0)))
+    metas = _plan(eng.model)
+    assert len(metas) > 1 and eng.update_weights_in_place(metas, lambda bufs: None, 1)
+    lay = eng._flat_layout
+    req = [engine_request(eng, "What is 3 + 4?", temperature=0.0, max_new_tokens=8)]
+    ref = eng.generate(req)[0]["output_ids"]
+    before = {n: t.clone() for n, t in eng.model.state_dict().items()}
+    monkeypatch.setattr(eng, "device", torch.device("meta"))  # only release/resume read it here
+    hosts = []
+    for cycle in range(2):
+        ptrs = [t.data_ptr() for t in eng._weight_tensors()]
+        eng.release_memory()
+        eng.release_memory()  # a second release is a no-op, not a second copy
+        off = eng._offload
+        # one copy per storage: a buffer per bucket plus the model's own buffers (rotary inv_freq, ...)
+        others = {t.untyped_storage().data_ptr() for t in eng.model.buffers()} - {b.data_ptr() for b in lay.buffers}
+        assert off.offloaded and off.num_storages == len(metas) + len(others)
+        hosts.append(sorted(h.data_ptr() for h, _, _ in off._groups))
+        assert all(a != b for a, b in zip(ptrs, (t.data_ptr() for t in eng._weight_tensors())))
+        assert _tied(eng.model) and not lay.valid()
+        with pytest.raises(RuntimeError, match="resume_memory"):
+            eng.generate(req)
+        eng.resume_memory()
+        assert not off.offloaded and lay.valid() and eng._flat_layout is lay and _tied(eng.model)
+        for n, t in eng.model.state_dict().items():
+            assert torch.equal(t, before[n]), n
+    assert hosts[0] == hosts[1]  # the host buffers are allocated once
+    monkeypatch.setattr(eng, "device", torch.device("cpu"))
+    assert eng.generate(req)[0]["output_ids"] == ref
+    # the sync writes into the kept layout's buffers, and they are the model's weights
+    assert eng.update_weights_in_place(metas, lambda bufs: [b.fill_(0.25) for b in bufs], 2)
+    assert eng._flat_layout is lay and eng.model.lm_head.weight.eq(0.25).all()
+
+
+def test_host_offload_refuses_a_second_offload_and_moves_each_storage_once():
+    from slime_ray.engines.offload import HostOffload
+
+    flat = torch.arange(10.0)
+    a, b = flat[:4].view(2, 2), flat[4:]  # two views of one storage
+    c = torch.ones(3)
+    off = HostOffload(pin_memory=False)
+    assert off.offload([flat, a, b, c, a]) == 10 * 4 + 3 * 4  # bytes, each storage once
+    assert off.num_storages == 2 and a.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    flat[0] = 7.0  # still views of one storage, at the same offsets
+    assert a[0, 0].item() == 7.0 and b.tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    with pytest.raises(RuntimeError, match="already in host memory"):
+        off.offload([c])
+    assert off.onload() == 52 and off.onload() == 0
+    assert b.storage_offset() == 4 and a.stride() == (2, 1) and c.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_packed_state_dict_round_trip_is_exact_for_every_dtype():
     import pickle
 

@@ -43,6 +43,7 @@ from slime_ray.engines.hf_compile import (
     resolve_compile,
 )
 from slime_ray.engines.hf_decode import StaticDecoder
+from slime_ray.engines.offload import HostOffload
 from slime_ray.sync.buckets import copy_into
 from slime_ray.train.logprobs import log_probs_from_logits
 
@@ -186,6 +187,7 @@ class HFEngine(RolloutEngine):
         self.num_generate_calls = 0
         self._lock = threading.Lock()  # generate vs update_weights: never interleaved
         self._flat_layout = None  # slime_ray.sync.receiver.FlatLayout of the last bucket plan
+        self._offload = HostOffload()  # where release_memory puts the weights (host buffers kept)
         self._abort = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -218,12 +220,17 @@ class HFEngine(RolloutEngine):
 
         Raises:
             ValueError: a request with neither ``input_ids`` nor ``text``, or an empty prompt.
+            RuntimeError: the weights were released (:meth:`release_memory`) and not taken
+                back (:meth:`resume_memory`).
         """
         if not requests:
             return []
         self._running.wait()
         rows = [self._normalize(r) for r in requests]
         with self._lock:
+            if self._offload.offloaded:
+                raise RuntimeError("HFEngine.generate: the weights are in host memory (release_memory, "
+                                   "--offload-rollout); call resume_memory before generating")
             self._abort.clear()
             self.num_generate_calls += 1
             self.max_batch_size_seen = max(self.max_batch_size_seen, len(rows))
@@ -516,24 +523,37 @@ class HFEngine(RolloutEngine):
         """End the in-flight :meth:`generate` early: unfinished rows return finish "abort"."""
         self._abort.set()
 
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        """Parameters, buffers and the flat sync layout's buffers: every tensor on the weights' storages."""
+        tensors = [t for _, t in self.model.named_parameters(remove_duplicate=False)]
+        tensors += [t for _, t in self.model.named_buffers(remove_duplicate=False)]
+        if self._flat_layout is not None:
+            tensors += self._flat_layout.tensors()
+        return tensors
+
     def release_memory(self) -> None:
-        """Move the weights to CPU and free accelerator memory (no-op on CPU): the weights, the
-        static loop's fused weight copies and captured CUDA graphs. Its KV caches (one per shape
+        """Free accelerator memory (no-op on CPU): the weights go to host memory (pinned, one
+        copy per storage, :class:`slime_ray.engines.offload.HostOffload`), the static loop's
+        fused weight copies and captured CUDA graphs are dropped. Its KV caches (one per shape
         bucket seen) stay allocated: they are what its compiled step was compiled against, and
-        new cache tensors would mean a recompile per bucket after every release."""
+        new cache tensors would mean a recompile per bucket after every release. The flat
+        layout the sync receives into survives (same buckets, new storages after the retake)."""
         if self.device.type != "cpu":
             with self._lock:
-                self._flat_layout = None  # its buffers would keep the GPU memory
+                if self._offload.offloaded:
+                    return
                 if self._decoder is not None:
                     self._decoder.release_weights()  # fused copies and graphs; the KV caches stay
-                self.model.to("cpu")
+                self._offload.offload(self._weight_tensors())
                 torch.cuda.empty_cache()
 
     def resume_memory(self) -> None:
-        """Move the weights back to the engine's device (no-op on CPU)."""
+        """Move the weights back to the engine's device (no-op on CPU or when not released)."""
         if self.device.type != "cpu":
             with self._lock:
-                self.model.to(self.device)
+                self._offload.onload()
+                if self._flat_layout is not None:
+                    self._flat_layout.rebind()
 
     def health(self) -> dict[str, Any]:
         """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls",

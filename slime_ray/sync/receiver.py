@@ -76,6 +76,16 @@ class FlatLayout:
         ``load_state_dict(assign=True)`` or a re-assigned ``param.data`` breaks the layout)."""
         return all(t.data_ptr() == ptr for t, ptr in self._bound)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The bucket buffers and every tensor re-pointed into them (what a mover such as
+        :class:`slime_ray.engines.offload.HostOffload` must move together)."""
+        return [*self.buffers, *(t for t, _ in self._bound)]
+
+    def rebind(self) -> None:
+        """Record where the bound tensors sit now, after :meth:`tensors` were moved together to
+        new storages with their offsets, shapes and strides kept (an offload and onload)."""
+        self._bound = [(t, t.data_ptr()) for t, _ in self._bound]
+
     @staticmethod
     def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         named = dict(model.named_buffers(remove_duplicate=False))
