@@ -32,7 +32,9 @@ class HostOffload:
     """
 
     def __init__(self, pin_memory: bool | None = None) -> None:
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        """``pin_memory``: host buffers in page-locked memory (fast, asynchronous copies); None:
+        when CUDA is available."""
+        self.pin_memory = pin_memory  # None: pinned when CUDA is available (decided at the first offload)
         self._host: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> free host storages
         self._groups: list[tuple[torch.UntypedStorage, torch.device, list[torch.Tensor]]] = []
         self.offloaded = False
@@ -71,6 +73,8 @@ class HostOffload:
         """
         if self.offloaded:
             raise RuntimeError("HostOffload.offload: the weights are already in host memory; onload them first")
+        if self.pin_memory is None:
+            self.pin_memory = torch.cuda.is_available()
         by_storage: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
         seen: set[int] = set()
         for t in tensors:
