@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> job.JobResult:
                 sync_metrics = {"sync/bytes": t.run("sync", actor.sync_weights, rollout.client,
                                                     rollout_id + 1).get("sync/bytes", 0.0)}
         except ray.exceptions.RayActorError as err:                 # a trainer rank died: last checkpoint
+            if recovery.is_trainer_death(err, actor):
+                job.onload_rollout(args, rollout.client)             # released engines retake (else no-op)
             actor, rollout_id = recovery.restart(err, actor, rollout_id, data_source, rollout.client)
             continue
         metrics = {**rollout_metrics, **table_metrics, **train_metrics, **t.times, **sync_metrics,

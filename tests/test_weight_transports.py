@@ -191,8 +191,12 @@ def test_in_place_update_checks_and_fallbacks(tmp_path):
 def test_release_and_resume_keep_ties_flat_layout_and_values(tmp_path, monkeypatch):
     """--offload-rollout on an accelerator: HFEngine.release_memory / resume_memory move each storage
     once (HostOffload) and keep what the sync relies on: tied embeddings one storage, the flat
-    layout valid (no rebuild), values unchanged; generate refuses while released. On CPU both
-    are no-ops, so the engine's device is set to a non-CPU one here (the tensors stay on CPU)."""
+    layout valid (no rebuild), values unchanged, the old storages freed; generate refuses while
+    released. On CPU both are no-ops, so the engine's device is set to a non-CPU one here (the
+    tensors stay on CPU)."""
+    import gc
+    import weakref
+
     from slime_ray.engines.hf import HFEngine
     from slime_ray.testing import engine_request, make_tiny_model_dir
 
@@ -204,33 +208,49 @@ def test_release_and_resume_keep_ties_flat_layout_and_values(tmp_path, monkeypat
     ref = eng.generate(req)[0]["output_ids"]
     before = {n: t.clone() for n, t in eng.model.state_dict().items()}
     monkeypatch.setattr(eng, "device", torch.device("meta"))  # only release/resume read it here
+    eng.resume_memory()  # not released: a no-op
+    assert lay.valid() and eng._flat_layout is lay
     hosts = []
     for cycle in range(2):
-        ptrs = [t.data_ptr() for t in eng._weight_tensors()]
+        old = {id(s): weakref.ref(s) for s in (t.untyped_storage() for t in eng._weight_tensors())}
         eng.release_memory()
         eng.release_memory()  # a second release is a no-op, not a second copy
         off = eng._offload
         # one copy per storage: a buffer per bucket plus the model's own buffers (rotary inv_freq, ...)
         others = {t.untyped_storage().data_ptr() for t in eng.model.buffers()} - {b.data_ptr() for b in lay.buffers}
-        assert off.offloaded and off.num_storages == len(metas) + len(others)
-        hosts.append(sorted(h.data_ptr() for h, _, _ in off._groups))
-        assert all(a != b for a, b in zip(ptrs, (t.data_ptr() for t in eng._weight_tensors())))
-        assert _tied(eng.model) and not lay.valid()
+        assert off.offloaded and off.num_storages == len(metas) + len(others) and eng.health()["released"]
+        hosts.append([h for h, _, _ in off._groups])
+        gc.collect()
+        assert [r for r in old.values() if r() is not None] == []  # nothing keeps the old storages
+        assert _tied(eng.model) and lay.valid()  # the layout moved with its tensors
         with pytest.raises(RuntimeError, match="resume_memory"):
             eng.generate(req)
         eng.resume_memory()
         assert not off.offloaded and lay.valid() and eng._flat_layout is lay and _tied(eng.model)
         for n, t in eng.model.state_dict().items():
             assert torch.equal(t, before[n]), n
-    assert hosts[0] == hosts[1]  # the host buffers are allocated once
+        del n, t
+    # the host buffers are allocated once (the same storage objects, not just a reused address)
+    assert sorted(map(id, hosts[0])) == sorted(map(id, hosts[1]))
+    # a sync while released takes the copy path into the host copies, which the retake brings back
+    eng.release_memory()
+    assert not eng.update_weights_in_place(metas, lambda bufs: [b.fill_(9.0) for b in bufs], 7)
+    eng.update_weights({"lm_head.weight": torch.full_like(before["lm_head.weight"], 0.5)}, 7)
+    eng.resume_memory()
+    assert eng.model.model.embed_tokens.weight.eq(0.5).all() and lay.valid() and eng.weight_version == 7
+    eng.update_weights({"lm_head.weight": before["lm_head.weight"]}, 1)
     monkeypatch.setattr(eng, "device", torch.device("cpu"))
     assert eng.generate(req)[0]["output_ids"] == ref
     # the sync writes into the kept layout's buffers, and they are the model's weights
     assert eng.update_weights_in_place(metas, lambda bufs: [b.fill_(0.25) for b in bufs], 2)
     assert eng._flat_layout is lay and eng.model.lm_head.weight.eq(0.25).all()
+    # a tensor moved off its bucket buffer breaks the layout (the next sync re-lays out)
+    eng.model.model.norm.weight.data = eng.model.model.norm.weight.data.clone()
+    assert not lay.valid()
 
 
-def test_host_offload_refuses_a_second_offload_and_moves_each_storage_once():
+def test_host_offload_moves_each_storage_once_and_survives_a_failed_onload(monkeypatch):
+    from slime_ray.engines import offload as offload_mod
     from slime_ray.engines.offload import HostOffload
 
     flat = torch.arange(10.0)
@@ -243,8 +263,24 @@ def test_host_offload_refuses_a_second_offload_and_moves_each_storage_once():
     assert a[0, 0].item() == 7.0 and b.tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
     with pytest.raises(RuntimeError, match="already in host memory"):
         off.offload([c])
+    hosts = [c.data_ptr(), flat.data_ptr()]
+    # the second device allocation fails: nothing was re-pointed, a retry works
+    real_empty, calls = torch.empty, []
+
+    def failing_empty(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("test: device full")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(offload_mod.torch, "empty", failing_empty)
+    with pytest.raises(torch.OutOfMemoryError):
+        off.onload()
+    monkeypatch.undo()
+    assert off.offloaded and sorted([c.data_ptr(), flat.data_ptr()]) == sorted(hosts)
     assert off.onload() == 52 and off.onload() == 0
     assert b.storage_offset() == 4 and a.stride() == (2, 1) and c.tolist() == [1.0, 1.0, 1.0]
+    assert flat[0].item() == 7.0 and a[0, 0].item() == 7.0
 
 
 def test_packed_state_dict_round_trip_is_exact_for_every_dtype():

@@ -431,8 +431,8 @@ class HFEngine(RolloutEngine):
                                 weight_version: int, device: torch.device | str | None = None) -> bool:
         """Zero-copy update: ``fill`` writes the new values straight into the parameters.
 
-        On the first call with a bucket plan (or after the layout was lost, e.g. by
-        :meth:`release_memory`), names and shapes are checked as in :meth:`update_weights`, then
+        On the first call with a bucket plan (or after the layout was lost, e.g. by a
+        ``model.to``), names and shapes are checked as in :meth:`update_weights`, then
         the parameters are re-laid out as one flat buffer per bucket
         (:class:`slime_ray.sync.receiver.FlatLayout`; tied embeddings stay one storage). Later
         calls with the same plan reuse those buffers (no allocation, no copy). Holds the lock
@@ -450,8 +450,8 @@ class HFEngine(RolloutEngine):
         Returns:
             True when ``fill`` ran and the version was set; False when the model cannot be laid
             out for this plan (the plan's dtype differs from the model's, tied names both in the
-            plan, weights not on ``device``): then nothing ran and the caller uses
-            :meth:`update_weights`.
+            plan, weights not on ``device``) or the weights are released
+            (:meth:`release_memory`): then nothing ran and the caller uses :meth:`update_weights`.
 
         Raises:
             KeyError: a name of the plan the model does not have.
@@ -462,6 +462,8 @@ class HFEngine(RolloutEngine):
 
         metas = tuple(metas)
         with self._lock, torch.no_grad():
+            if self._offload.offloaded:  # a layout built on the host copies would be lost at the retake
+                return False
             lay = self._flat_layout
             if lay is None or lay.metas != metas or not lay.valid():
                 self._flat_layout = None
@@ -542,26 +544,32 @@ class HFEngine(RolloutEngine):
             with self._lock:
                 if self._offload.offloaded:
                     return
+                if self._flat_layout is not None and not self._flat_layout.valid():
+                    self._flat_layout = None  # stale buffers: not worth a copy, the next sync re-lays out
                 if self._decoder is not None:
                     self._decoder.release_weights()  # fused copies and graphs; the KV caches stay
                 self._offload.offload(self._weight_tensors())
                 torch.cuda.empty_cache()
 
     def resume_memory(self) -> None:
-        """Move the weights back to the engine's device (no-op on CPU or when not released)."""
+        """Move the weights back to the engine's device (no-op on CPU or when not released).
+
+        Raises:
+            torch.OutOfMemoryError: the device cannot hold them yet; they stay in host memory
+                and a later call can try again."""
         if self.device.type != "cpu":
             with self._lock:
                 self._offload.onload()
-                if self._flat_layout is not None:
-                    self._flat_layout.rebind()
 
     def health(self) -> dict[str, Any]:
-        """``{"ok", "weight_version", "paused", "max_batch_size_seen", "num_generate_calls",
-        "compile", "decode_loop", "num_buckets_seen", "num_compilations"}``."""
+        """``{"ok", "weight_version", "paused", "released", "max_batch_size_seen",
+        "num_generate_calls", "compile", "decode_loop", "num_buckets_seen", "num_compilations"}``
+        (``released``: the weights are in host memory, :meth:`release_memory`)."""
         return {
             "ok": True,
             "weight_version": self.weight_version,
             "paused": not self._running.is_set(),
+            "released": self._offload.offloaded,
             "max_batch_size_seen": self.max_batch_size_seen,
             "num_generate_calls": self.num_generate_calls,
             "compile": self.compile,

@@ -11,7 +11,7 @@ per bucket) into a host buffer that is allocated once (pinned when CUDA is avail
 for the next release, then re-points every tensor that viewed it to the same offset, shape and
 stride in the new storage. Tensors that shared a storage (tied embeddings; the parameters of
 one flat sync bucket and the bucket's own buffer) still share one afterwards, so a
-:class:`slime_ray.sync.receiver.FlatLayout` stays a valid layout (call its ``rebind``).
+:class:`slime_ray.sync.receiver.FlatLayout` stays a valid layout.
 """
 
 from __future__ import annotations
@@ -86,11 +86,12 @@ class HostOffload:
         groups, moved = [], 0
         for dev_storage, views in by_storage.values():
             host = self._host_storage(dev_storage.nbytes())
-            host.copy_(dev_storage, non_blocking=self.pin_memory)
+            host.copy_(dev_storage, non_blocking=bool(self.pin_memory))
             groups.append((host, dev_storage.device, views))
             moved += dev_storage.nbytes()
-        if self.pin_memory and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies are in host memory before anything reuses the device's
+        if self.pin_memory:  # the copies are in host memory before anything reuses the device's
+            for dev in {d for _, d, _ in groups if d.type == "cuda"}:
+                torch.cuda.synchronize(dev)
         for host, _, views in groups:
             for t in views:
                 self._repoint(t, host)
@@ -102,15 +103,23 @@ class HostOffload:
         """Copy each offloaded storage back to the device it came from (one new allocation per
         storage) and re-point its tensors there; the host buffers are kept for the next release.
 
+        Every device storage is allocated before anything is copied or re-pointed, so a failed
+        allocation leaves the tensors in host memory, intact, and a later call can try again.
+
         Returns:
             bytes copied to the device (0 when nothing was offloaded).
+
+        Raises:
+            torch.OutOfMemoryError: the device cannot hold the weights again (the trainer
+                still holds its memory); the tensors stay in host memory.
         """
         if not self.offloaded:
             return 0
+        targets = [torch.empty(host.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
+                   for host, device, _ in self._groups]
         moved = 0
-        for host, device, views in self._groups:
-            dev_storage = torch.empty(host.nbytes(), dtype=torch.uint8, device=device).untyped_storage()
-            dev_storage.copy_(host, non_blocking=self.pin_memory)
+        for (host, _, views), dev_storage in zip(self._groups, targets):
+            dev_storage.copy_(host, non_blocking=bool(self.pin_memory))
             for t in views:
                 self._repoint(t, dev_storage)
             moved += host.nbytes()

@@ -68,23 +68,23 @@ class FlatLayout:
     """
 
     def __init__(self, metas: tuple[BucketMeta, ...], buffers: list[torch.Tensor],
-                 bound: list[tuple[torch.Tensor, int]]) -> None:
+                 bound: list[tuple[torch.Tensor, int, int]]) -> None:
+        # bound: (tensor, bucket index, byte offset of its data in that bucket's buffer)
         self.metas, self.buffers, self._bound = metas, buffers, bound
 
     def valid(self) -> bool:
-        """Whether every re-pointed tensor still sits where the layout put it (``model.to(...)``,
-        ``load_state_dict(assign=True)`` or a re-assigned ``param.data`` breaks the layout)."""
-        return all(t.data_ptr() == ptr for t, ptr in self._bound)
+        """Whether every re-pointed tensor still views its bucket buffer at its place.
+
+        ``model.to(...)``, ``load_state_dict(assign=True)`` or a re-assigned ``param.data``
+        breaks the layout; moving the buffers and the tensors together, offsets kept (as
+        :class:`slime_ray.engines.offload.HostOffload` does), does not."""
+        return all(t.untyped_storage().data_ptr() == self.buffers[j].untyped_storage().data_ptr()
+                   and t.data_ptr() - self.buffers[j].data_ptr() == off for t, j, off in self._bound)
 
     def tensors(self) -> list[torch.Tensor]:
         """The bucket buffers and every tensor re-pointed into them (what a mover such as
         :class:`slime_ray.engines.offload.HostOffload` must move together)."""
-        return [*self.buffers, *(t for t, _ in self._bound)]
-
-    def rebind(self) -> None:
-        """Record where the bound tensors sit now, after :meth:`tensors` were moved together to
-        new storages with their offsets, shapes and strides kept (an offload and onload)."""
-        self._bound = [(t, t.data_ptr()) for t, _ in self._bound]
+        return [*self.buffers, *(t for t, _, _ in self._bound)]
 
     @staticmethod
     def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ class FlatLayout:
             elif k[0] in by_storage:
                 return None  # another view of a planned tensor's storage: cannot keep it in sync
         buffers: list[torch.Tensor] = []
-        bound: list[tuple[torch.Tensor, int]] = []
+        bound: list[tuple[torch.Tensor, int, int]] = []
         pos = 0
         with torch.no_grad():
             for meta in metas:
@@ -153,7 +153,7 @@ class FlatLayout:
                 for old, k, view in zip(olds, keys[pos: pos + len(views)], views):
                     for t in aliases[k]:
                         t.data = view
-                        bound.append((t, view.data_ptr()))
+                        bound.append((t, len(buffers), view.data_ptr() - flat.data_ptr()))
                 pos += len(views)
                 buffers.append(flat)
         return cls(metas, buffers, bound)
