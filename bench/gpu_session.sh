@@ -10,7 +10,7 @@
 # Models have random weights, SmolLM2-135M's architecture and tokenizer (bench/assets): the real 538 MB
 # checkpoint cannot travel to the device machine. "135m-tp2" is the same model with 8 heads of 72
 # (4 KV heads): TP=2 cannot split SmolLM2's 9 heads.
-# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N|N2|N3|O     (carry .whl for M and A; .twhl for E and F:
+# Usage on the device:  bash bench/gpu_session.sh M|A|A2|A3|A4|C|E|F|G|H|I|J|K|L|N|N2|N3|O|O2     (carry .whl for M and A; .twhl for E and F:
 # transformers 5.24, the version of this machine, which the engine's decode loop was written against)
 set -o pipefail
 part=${1:-M}
@@ -151,8 +151,10 @@ elif [ "$part" = L ]; then  # one H200: where a GRPO step's time goes (bench/grp
 elif [ "$part" = N2 ]; then  # one H200: L's step breakdown of J's job, this tree only, 5 steps (steady: 3 and 4)
   mk 135m /tmp/smol
   overhead . 5 2
-elif [ "$part" = O ]; then  # one H200: the engine's release / retake alone (bench/engine_offload.py), then N2
+elif [ "$part" = O ] || [ "$part" = O2 ]; then  # one H200: the engine's release / retake alone (bench/engine_offload.py), then N2
   mk 135m /tmp/smol
+  [ "$part" = O2 ] && CUDA_VISIBLE_DEVICES=0 timeout 120 python3 bench/weight_sync.py --reps 5 --models 135m 2>&1 | tail -n 8 \
+    | tee "$OUT/weight_sync.log"  # O2: the colocated sync first (FlatLayout.valid changed)
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/engine_offload.py --model /tmp/smol --reps 5 2>&1 | tail -n 8 \
     | tee "$OUT/engine_offload.log"
   overhead . 5 2
