@@ -217,23 +217,19 @@ def _fault_tolerance_options(args: Namespace) -> dict[str, Any] | None:
 def offload_rollout(args: Namespace, client: Any, timer: "StepTimer | None" = None) -> None:
     """Colocated with ``--offload-rollout``: engines release weights/KV before the trainer runs.
     With ``timer``, its seconds go to ``perf/offload_rollout_time``."""
-    if not (args.colocate and args.offload_rollout):
-        return
-    if timer is None:
-        client.release_memory()
-    else:
-        timer.run("offload_rollout", client.release_memory)
+    if args.colocate and args.offload_rollout:
+        _timed(timer, "offload_rollout", client.release_memory)
 
 
 def onload_rollout(args: Namespace, client: Any, timer: "StepTimer | None" = None) -> None:
     """Colocated with ``--offload-rollout``: engines take their memory back (before the sync).
     With ``timer``, its seconds go to ``perf/onload_rollout_time``."""
-    if not (args.colocate and args.offload_rollout):
-        return
-    if timer is None:
-        client.resume_memory()
-    else:
-        timer.run("onload_rollout", client.resume_memory)
+    if args.colocate and args.offload_rollout:
+        _timed(timer, "onload_rollout", client.resume_memory)
+
+
+def _timed(timer: "StepTimer | None", name: str, fn: Any) -> Any:
+    return fn() if timer is None else timer.run(name, fn)
 
 
 def shutdown(result: "JobResult") -> None:

@@ -527,8 +527,9 @@ class HFEngine(RolloutEngine):
 
     def _weight_tensors(self) -> list[torch.Tensor]:
         """Parameters, buffers and the flat sync layout's buffers: every tensor on the weights' storages."""
-        tensors = [t for _, t in self.model.named_parameters(remove_duplicate=False)]
-        tensors += [t for _, t in self.model.named_buffers(remove_duplicate=False)]
+        from slime_ray.sync.receiver import model_tensors
+
+        tensors = list(model_tensors(self.model).values())
         if self._flat_layout is not None:
             tensors += self._flat_layout.tensors()
         return tensors

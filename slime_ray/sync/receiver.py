@@ -52,6 +52,13 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     return a.index == b.index or a.index is None or b.index is None
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and registered buffer of ``model`` by name, tied names included."""
+    named = dict(model.named_buffers(remove_duplicate=False))
+    named.update(model.named_parameters(remove_duplicate=False))
+    return named
+
+
 class FlatLayout:
     """A model's tensors re-pointed to one contiguous buffer per bucket of a plan.
 
@@ -78,19 +85,14 @@ class FlatLayout:
         ``model.to(...)``, ``load_state_dict(assign=True)`` or a re-assigned ``param.data``
         breaks the layout; moving the buffers and the tensors together, offsets kept (as
         :class:`slime_ray.engines.offload.HostOffload` does), does not."""
-        return all(t.untyped_storage().data_ptr() == self.buffers[j].untyped_storage().data_ptr()
-                   and t.data_ptr() - self.buffers[j].data_ptr() == off for t, j, off in self._bound)
+        # the buffer is alive, so a tensor at its address + offset is inside its storage
+        return all(t.data_ptr() - self.buffers[j].data_ptr() == off for t, j, off in self._bound)
 
     def tensors(self) -> list[torch.Tensor]:
         """The bucket buffers and every tensor re-pointed into them (what a mover such as
         :class:`slime_ray.engines.offload.HostOffload` must move together)."""
         return [*self.buffers, *(t for t, _, _ in self._bound)]
 
-    @staticmethod
-    def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        named = dict(model.named_buffers(remove_duplicate=False))
-        named.update(model.named_parameters(remove_duplicate=False))
-        return named
 
     @classmethod
     def build(cls, model: torch.nn.Module, metas: list[BucketMeta] | tuple[BucketMeta, ...],
@@ -105,7 +107,7 @@ class FlatLayout:
         """
         metas = tuple(metas)
         want = device
-        named = cls._tensors(model)
+        named = model_tensors(model)
         planned: list[torch.Tensor] = []
         for meta in metas:
             for name, shape in zip(meta.names, meta.shapes):
